@@ -1,0 +1,129 @@
+//! Configuration: environment first, then code.
+
+use std::path::PathBuf;
+
+use crate::Error;
+
+/// Kinesis' default maximum record size (data plus partition key).
+pub const DEFAULT_MAX_RECORD_SIZE: usize = 1024 * 1024;
+/// The default job priority (lower runs first), as in the reference gem.
+pub const DEFAULT_PRIORITY: i32 = 20;
+
+/// How events are journaled. Build it with [`Config::from_env`] and adjust with the `with_*` methods.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) stream_name: Option<String>,
+    pub(crate) app_name: Option<String>,
+    pub(crate) schema_roots: Vec<PathBuf>,
+    pub(crate) default_priority: i32,
+    pub(crate) enabled: bool,
+    pub(crate) max_record_size: usize,
+}
+
+impl Default for Config {
+    /// No stream, no app name, `./journaled_schemas`, priority 20, enabled, 1 MiB records.
+    fn default() -> Self {
+        Config {
+            stream_name: None,
+            app_name: None,
+            schema_roots: vec![PathBuf::from("journaled_schemas")],
+            default_priority: DEFAULT_PRIORITY,
+            enabled: true,
+            max_record_size: DEFAULT_MAX_RECORD_SIZE,
+        }
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Parses a boolean the way operators write them; `None` when it is not one.
+pub(crate) fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+impl Config {
+    /// Reads `JOURNALED_STREAM_NAME`, `JOURNALED_APP_NAME`, `JOURNALED_SCHEMA_PATH` (a
+    /// `:`-separated list of folders, first match wins), `JOURNALED_JOB_PRIORITY` and
+    /// `JOURNALED_ENABLED`. A malformed value is an error that names the variable.
+    pub fn from_env() -> Result<Config, Error> {
+        let mut config = Config {
+            stream_name: var("JOURNALED_STREAM_NAME"),
+            app_name: var("JOURNALED_APP_NAME"),
+            ..Config::default()
+        };
+        if let Some(path) = var("JOURNALED_SCHEMA_PATH") {
+            config.schema_roots = std::env::split_paths(&path).collect();
+        }
+        if let Some(priority) = var("JOURNALED_JOB_PRIORITY") {
+            config.default_priority = priority.trim().parse().map_err(|_| {
+                Error::Config(format!(
+                    "JOURNALED_JOB_PRIORITY must be an integer, got `{priority}`"
+                ))
+            })?;
+        }
+        if let Some(enabled) = var("JOURNALED_ENABLED") {
+            config.enabled = parse_bool(&enabled).ok_or_else(|| {
+                Error::Config(format!(
+                    "JOURNALED_ENABLED must be true or false, got `{enabled}`"
+                ))
+            })?;
+        }
+        Ok(config)
+    }
+
+    /// The stream used by events that do not name their own.
+    pub fn with_stream_name(mut self, name: impl Into<String>) -> Self {
+        self.stream_name = Some(name.into());
+        self
+    }
+
+    /// The application's name, used in actor fallbacks (`gid://<app>`).
+    pub fn with_app_name(mut self, name: impl Into<String>) -> Self {
+        self.app_name = Some(name.into());
+        self
+    }
+
+    /// Replaces the schema search path (the crate's built-in schemas always come first).
+    pub fn with_schema_roots<I, P>(mut self, roots: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<PathBuf>,
+    {
+        self.schema_roots = roots.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The priority of events that do not set their own (lower runs first; default 20).
+    pub fn with_default_priority(mut self, priority: i32) -> Self {
+        self.default_priority = priority;
+        self
+    }
+
+    /// When disabled, events are still validated but nothing is written.
+    pub fn with_enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// The largest record (data plus partition key) accepted; Kinesis' default is 1 MiB.
+    pub fn with_max_record_size(mut self, bytes: usize) -> Self {
+        self.max_record_size = bytes;
+        self
+    }
+
+    /// The default stream name, if any.
+    pub fn stream_name(&self) -> Option<&str> {
+        self.stream_name.as_deref()
+    }
+
+    /// The schema search path, in order, after the built-in schemas.
+    pub fn schema_roots(&self) -> &[PathBuf] {
+        &self.schema_roots
+    }
+}

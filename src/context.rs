@@ -1,0 +1,181 @@
+//! Task-local context captured when an event is journaled: tags, actor, app name, commit hash.
+//!
+//! Scopes are task-local (`tokio::task_local!`): they follow a future across `.await` points and
+//! threads, and concurrent tasks never see each other's tags. A task started with
+//! `tokio::spawn` starts with no scope; carry one over with [`Context::current`] and
+//! [`Context::scope`].
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+/// Tags: a JSON object of request id, job id, and whatever else traces an event back.
+pub type Tags = Map<String, Value>;
+
+/// Errors of the context helpers.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ContextError {
+    /// `tag!` was called outside any `tagged`/`scope`/`with_actor` scope, so there was nowhere to keep the tags.
+    #[error("tag! called outside a journaled scope: wrap the work in journaled::scope(..) or journaled::tagged(..)")]
+    NoScope,
+    /// `commit_hash()` was called but `GIT_COMMIT` is not set.
+    #[error("GIT_COMMIT is not set: set it to the deployed commit to use journaled::commit_hash()")]
+    GitCommitUnset,
+}
+
+#[derive(Debug, Default)]
+struct Scope {
+    tags: RefCell<Tags>,
+    actor: Option<Arc<str>>,
+}
+
+tokio::task_local! {
+    static SCOPE: Scope;
+}
+
+/// A snapshot of the current tags and actor, to carry into a spawned task.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Context {
+    /// The tags in force.
+    pub tags: Tags,
+    /// The actor in force.
+    pub actor: Option<String>,
+}
+
+impl Context {
+    /// The tags and actor of the current scope (empty outside any scope).
+    pub fn current() -> Context {
+        SCOPE
+            .try_with(|scope| Context {
+                tags: scope.tags.borrow().clone(),
+                actor: scope.actor.as_deref().map(str::to_owned),
+            })
+            .unwrap_or_default()
+    }
+
+    /// Runs `fut` in a new scope holding this context.
+    pub async fn scope<F: Future>(self, fut: F) -> F::Output {
+        let scope = Scope {
+            tags: RefCell::new(self.tags),
+            actor: self.actor.map(Arc::from),
+        };
+        SCOPE.scope(scope, fut).await
+    }
+}
+
+fn child(extra_tags: Tags, actor: Option<Arc<str>>) -> Scope {
+    SCOPE
+        .try_with(|parent| {
+            let mut tags = parent.tags.borrow().clone();
+            tags.extend(extra_tags.clone());
+            Scope {
+                tags: RefCell::new(tags),
+                actor: actor.clone().or_else(|| parent.actor.clone()),
+            }
+        })
+        .unwrap_or_else(|_| Scope {
+            tags: RefCell::new(extra_tags),
+            actor,
+        })
+}
+
+/// Runs `fut` in a scope that inherits the current tags and actor; `tag!` inside it changes
+/// only this scope.
+pub async fn scope<F: Future>(fut: F) -> F::Output {
+    SCOPE.scope(child(Tags::new(), None), fut).await
+}
+
+/// Runs `fut` with `tags` added to the current ones; they are gone when it ends.
+pub async fn tagged<F: Future>(tags: Tags, fut: F) -> F::Output {
+    SCOPE.scope(child(tags, None), fut).await
+}
+
+/// Runs `fut` with `actor` (for example `gid://my_app/User/42`) as the actor of what it journals.
+pub async fn with_actor<F: Future>(actor: impl Into<String>, fut: F) -> F::Output {
+    let actor: Arc<str> = Arc::from(actor.into());
+    SCOPE.scope(child(Tags::new(), Some(actor)), fut).await
+}
+
+/// Adds tags to the innermost scope. Use the [`tag!`](crate::tag) macro.
+pub fn add_tags(tags: Tags) -> Result<(), ContextError> {
+    SCOPE
+        .try_with(|scope| scope.tags.borrow_mut().extend(tags))
+        .map_err(|_| ContextError::NoScope)
+}
+
+/// The tags in force (empty outside any scope).
+pub fn current_tags() -> Tags {
+    SCOPE
+        .try_with(|scope| scope.tags.borrow().clone())
+        .unwrap_or_default()
+}
+
+/// The actor set by [`with_actor`], if any.
+pub fn current_actor() -> Option<String> {
+    SCOPE
+        .try_with(|scope| scope.actor.as_deref().map(str::to_owned))
+        .ok()
+        .flatten()
+}
+
+/// The application's name: `JOURNALED_APP_NAME`, else the executable's file name.
+pub fn app_name() -> String {
+    std::env::var("JOURNALED_APP_NAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        })
+        .unwrap_or_else(|| "app".to_owned())
+}
+
+/// The actor of what is journaled now: the scope's actor, else `gid://<app>`.
+pub fn actor_uri() -> String {
+    current_actor().unwrap_or_else(|| format!("gid://{}", app_name()))
+}
+
+/// The deployed commit, from `GIT_COMMIT`; an error when it is unset, as in the reference.
+pub fn commit_hash() -> Result<String, ContextError> {
+    std::env::var("GIT_COMMIT")
+        .ok()
+        .filter(|hash| !hash.is_empty())
+        .ok_or(ContextError::GitCommitUnset)
+}
+
+/// Builds [`Tags`] from `key = value` pairs; values are anything `serde_json::json!` takes.
+///
+/// ```
+/// let tags = journaled::tags! { request_id = "abc", attempt = 2 };
+/// assert_eq!(tags["attempt"], 2);
+/// ```
+#[macro_export]
+macro_rules! tags {
+    ($($key:ident = $value:expr),* $(,)?) => {{
+        #[allow(unused_mut)]
+        let mut tags = $crate::Tags::new();
+        $( tags.insert(::std::string::String::from(stringify!($key)), $crate::__private::json!($value)); )*
+        tags
+    }};
+}
+
+/// Adds `key = value` tags to the innermost scope; returns `Err(ContextError::NoScope)` outside one.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// journaled::scope(async {
+///     journaled::tag!(request_id = "abc").unwrap();
+///     assert_eq!(journaled::current_tags()["request_id"], "abc");
+/// }).await;
+/// # }
+/// ```
+#[macro_export]
+macro_rules! tag {
+    ($($key:ident = $value:expr),* $(,)?) => {
+        $crate::context::add_tags($crate::tags! { $($key = $value),* })
+    };
+}

@@ -1,0 +1,137 @@
+//! The library's error type.
+
+use std::path::PathBuf;
+
+/// One way an event failed its JSON Schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The schema that refused it: `base_event`, `tagged_event` or the event type.
+    pub schema: String,
+    /// JSON pointer into the event (`""` is the whole event).
+    pub pointer: String,
+    /// What was wrong at that place.
+    pub message: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pointer = if self.pointer.is_empty() { "/" } else { &self.pointer };
+        write!(f, "{pointer}: {} ({} schema)", self.message, self.schema)
+    }
+}
+
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn paths(items: &[PathBuf]) -> String {
+    items
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Everything that can go wrong in `journaled`.
+///
+/// The input errors (`SchemaViolation` to `RecordTooLarge`) are returned by `journal!` before
+/// anything is staged or written: the transaction is left as it was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The event does not match its schemas; every failing place is listed.
+    #[error("event `{event_type}` does not match its schema: {}", list(.violations))]
+    SchemaViolation {
+        /// The event type.
+        event_type: String,
+        /// Each failing JSON pointer with its reason.
+        violations: Vec<Violation>,
+    },
+    /// No schema file was found for the event type.
+    #[error("no schema for event `{event_type}`: looked for {}", paths(.searched))]
+    SchemaNotFound {
+        /// The event type.
+        event_type: String,
+        /// Every path that was tried, in order.
+        searched: Vec<PathBuf>,
+    },
+    /// A schema file exists but is not valid JSON or not a valid JSON Schema.
+    #[error("schema for `{event_type}` at {path} is invalid: {message}")]
+    InvalidSchema {
+        /// The event type (or file stem) the schema is for.
+        event_type: String,
+        /// Where the schema was read from (`<built-in>` for the crate's own).
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Neither the event nor the configuration names a stream.
+    #[error(
+        "event `{event_type}` has no stream name: set JOURNALED_STREAM_NAME, Config::with_stream_name, or #[journaled(stream = ..)]"
+    )]
+    MissingStreamName {
+        /// The event type.
+        event_type: String,
+    },
+    /// The partition key is empty or longer than 256 characters.
+    #[error("event `{event_type}` has an invalid partition key: {reason}")]
+    InvalidPartitionKey {
+        /// The event type.
+        event_type: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The serialized record (data plus partition key) is over the Kinesis record limit.
+    #[error("event `{event_type}` is {size} bytes with its partition key, over the {limit}-byte record limit")]
+    RecordTooLarge {
+        /// The event type.
+        event_type: String,
+        /// Data plus partition key, in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The event's attributes use a name the envelope owns.
+    #[error("event `{event_type}` has an attribute named `{name}`, which the envelope owns")]
+    ReservedAttribute {
+        /// The event type.
+        event_type: String,
+        /// The clashing attribute.
+        name: String,
+    },
+    /// The event did not serialize to a JSON object.
+    #[error("event `{event_type}` could not be serialized to a JSON object: {message}")]
+    Serialization {
+        /// The event type.
+        event_type: String,
+        /// What serde said, or what it produced instead of an object.
+        message: String,
+    },
+    /// A configuration value is missing or malformed.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A task-local context operation failed (no scope, `GIT_COMMIT` unset).
+    #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
+    /// A migration could not be applied, or an applied one was changed.
+    #[error("migration: {0}")]
+    Migration(String),
+    /// A job row could not be decoded.
+    #[error("job {job_id} is corrupt: {message}")]
+    CorruptJob {
+        /// The job's id.
+        job_id: i64,
+        /// What could not be decoded.
+        message: String,
+    },
+    /// The database returned an error.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,258 @@
+//! Events: the [`Event`] trait, its envelope, and the one-time serialization of a record.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::FormatItem;
+use time::macros::format_description;
+use uuid::Uuid;
+
+use crate::{Config, Error, context, schema::SchemaRegistry};
+
+/// A Kinesis partition key may not be longer than this many Unicode characters.
+pub const MAX_PARTITION_KEY_CHARS: usize = 256;
+
+/// The id of one event: a UUID v7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct EventId(pub Uuid);
+
+impl EventId {
+    /// A new time-ordered id.
+    pub fn new() -> Self {
+        EventId(Uuid::now_v7())
+    }
+}
+
+impl Default for EventId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// When a job may first be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAt {
+    /// At this moment.
+    At(OffsetDateTime),
+    /// This long after the event is journaled.
+    After(Duration),
+}
+
+/// An event type whose serde fields are its journaled attributes.
+///
+/// Usually derived: `#[derive(Serialize, journaled::Event)]`, with `#[journaled(...)]` attributes
+/// for the per-type settings. Implement it by hand to decide settings per instance.
+///
+/// The published record is a JSON object: the envelope (`id`, `event_type`, `created_at`, and
+/// `tags` when [`Event::TAGGED`]) followed by the attributes.
+pub trait Event: Serialize {
+    /// The event type; also the name of its schema file, `<event_type>.json`.
+    const EVENT_TYPE: &'static str;
+    /// Whether the event carries the task-local tags.
+    const TAGGED: bool = false;
+
+    /// The stream for this event; `None` uses the configured default stream.
+    fn stream_name(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+
+    /// The partition key; `None` uses the event id, which spreads events over all shards.
+    ///
+    /// Kinesis orders records only within a shard, and only per partition key. Return an
+    /// aggregate id here when consumers need one aggregate's events on one shard.
+    fn partition_key(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+
+    /// The job priority (lower runs first); `None` uses the configured default (20).
+    fn priority(&self) -> Option<i32> {
+        None
+    }
+
+    /// When the event may be delivered; `None` means at once.
+    fn run_at(&self) -> Option<RunAt> {
+        None
+    }
+
+    /// The event's `created_at`; `None` means now.
+    fn created_at(&self) -> Option<OffsetDateTime> {
+        None
+    }
+}
+
+/// An event validated and serialized once, ready to be written into a job.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub id: EventId,
+    pub event_type: &'static str,
+    pub stream: String,
+    pub partition_key: String,
+    /// The exact JSON bytes that were validated and will be published.
+    pub data: String,
+    pub priority: i32,
+    pub run_at: Option<OffsetDateTime>,
+}
+
+const CREATED_AT_FORMAT: &[FormatItem<'static>] = format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3][offset_hour sign:mandatory]:[offset_minute]"
+);
+
+/// Formats a time as RFC 3339 with milliseconds and an explicit offset.
+pub fn format_time(at: OffsetDateTime) -> String {
+    at.format(CREATED_AT_FORMAT)
+        .expect("a valid OffsetDateTime always formats")
+}
+
+/// Validates, serializes once, and checks the Kinesis limits. Nothing is written.
+pub(crate) fn prepare<E: Event>(
+    event: &E,
+    config: &Config,
+    schemas: &SchemaRegistry,
+) -> Result<Prepared, Error> {
+    let event_type = E::EVENT_TYPE;
+    let serialization = |message: String| Error::Serialization {
+        event_type: event_type.to_owned(),
+        message,
+    };
+    let attributes = match serde_json::to_value(event).map_err(|e| serialization(e.to_string()))? {
+        Value::Object(map) => map,
+        other => {
+            return Err(serialization(format!(
+                "it serialized to {}, not an object",
+                kind(&other)
+            )));
+        }
+    };
+    for reserved in ["id", "event_type", "created_at"]
+        .into_iter()
+        .chain(E::TAGGED.then_some("tags"))
+    {
+        if attributes.contains_key(reserved) {
+            return Err(Error::ReservedAttribute {
+                event_type: event_type.to_owned(),
+                name: reserved.to_owned(),
+            });
+        }
+    }
+
+    let stream = match event.stream_name() {
+        Some(stream) => stream.into_owned(),
+        None => config
+            .stream_name
+            .clone()
+            .ok_or_else(|| Error::MissingStreamName {
+                event_type: event_type.to_owned(),
+            })?,
+    };
+    if stream.is_empty() {
+        return Err(Error::MissingStreamName {
+            event_type: event_type.to_owned(),
+        });
+    }
+
+    let id = EventId::new();
+    let now = OffsetDateTime::now_utc();
+    let created_at = event.created_at().unwrap_or(now);
+    let mut object = Map::with_capacity(attributes.len() + 4);
+    object.insert("id".into(), Value::String(id.to_string()));
+    object.insert("event_type".into(), Value::String(event_type.to_owned()));
+    object.insert("created_at".into(), Value::String(format_time(created_at)));
+    if E::TAGGED {
+        object.insert("tags".into(), Value::Object(context::current_tags()));
+    }
+    object.extend(attributes);
+    let value = Value::Object(object);
+
+    schemas.validate(event_type, E::TAGGED, &value)?;
+    let data = serde_json::to_string(&value).map_err(|e| serialization(e.to_string()))?;
+
+    let partition_key = match event.partition_key() {
+        Some(key) => key.into_owned(),
+        None => id.to_string(),
+    };
+    check_partition_key(event_type, &partition_key)?;
+    let size = data.len() + partition_key.len();
+    if size > config.max_record_size {
+        return Err(Error::RecordTooLarge {
+            event_type: event_type.to_owned(),
+            size,
+            limit: config.max_record_size,
+        });
+    }
+
+    let run_at = event.run_at().map(|run_at| match run_at {
+        RunAt::At(at) => at,
+        RunAt::After(delay) => now + delay,
+    });
+    Ok(Prepared {
+        id,
+        event_type,
+        stream,
+        partition_key,
+        data,
+        priority: event.priority().unwrap_or(config.default_priority),
+        run_at,
+    })
+}
+
+fn check_partition_key(event_type: &str, key: &str) -> Result<(), Error> {
+    let reason = if key.is_empty() {
+        "it is empty".to_owned()
+    } else {
+        let chars = key.chars().count();
+        if chars <= MAX_PARTITION_KEY_CHARS {
+            return Ok(());
+        }
+        format!("it is {chars} characters long, over the limit of {MAX_PARTITION_KEY_CHARS}")
+    };
+    Err(Error::InvalidPartitionKey {
+        event_type: event_type.to_owned(),
+        reason,
+    })
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn created_at_has_milliseconds_and_offset() {
+        let at = datetime!(2019-01-28 11:06:54.928123 -05:00);
+        assert_eq!(format_time(at), "2019-01-28T11:06:54.928-05:00");
+        assert_eq!(
+            format_time(datetime!(2026-11-23 01:02:03 UTC)),
+            "2026-11-23T01:02:03.000+00:00"
+        );
+    }
+
+    #[test]
+    fn partition_key_limits_count_characters_not_bytes() {
+        assert!(check_partition_key("e", &"é".repeat(256)).is_ok());
+        let err = check_partition_key("e", &"é".repeat(257)).unwrap_err();
+        assert!(err.to_string().contains("257 characters"), "{err}");
+        let err = check_partition_key("e", "").unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
+}

@@ -1,0 +1,89 @@
+//! # journaled
+//!
+//! Durably deliver schematized events to Amazon Kinesis: events are raised inside your own SQL
+//! transaction, validated against JSON Schema at once, and written as **one job row just
+//! before COMMIT** — so they exist if and only if the transaction commits. The `journaled
+//! worker` publishes them at least once.
+//!
+//! ## Guarantees
+//! - Commit ⇒ every journaled event is stored (and delivered at least once by the worker);
+//!   rollback, drop, or an error before commit ⇒ none is.
+//! - Bad input (schema violation, missing schema, no stream, bad partition key, a record over
+//!   1 MiB) fails the `journal!` call with an error naming the event type; nothing is staged.
+//! - The bytes published are the bytes validated: an event is serialized once, at `journal!`.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use journaled::{Journaled, journal};
+//!
+//! #[derive(serde::Serialize, journaled::Event)]
+//! #[journaled(tagged, priority = 10)] // event_type: "contract_acceptance_event"
+//! struct ContractAcceptanceEvent {
+//!     user_id: i64,
+//!     signature: String,
+//! }
+//!
+//! # async fn run() -> Result<(), journaled::Error> {
+//! let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
+//! let journaled = Journaled::from_env(pool)?; // JOURNALED_STREAM_NAME etc.
+//! journaled.migrate().await?;
+//!
+//! let mut tx = journaled.begin().await?;
+//! sqlx::query("UPDATE users SET contract_accepted = true WHERE id = $1")
+//!     .bind(42_i64)
+//!     .execute(&mut *tx)
+//!     .await?;
+//! journal!(tx, ContractAcceptanceEvent { user_id: 42, signature: "Sarah T. User".into() })?;
+//! tx.commit().await?; // one INSERT of the batch, then COMMIT
+//! # Ok(()) }
+//! ```
+//!
+//! The schema lives in `journaled_schemas/contract_acceptance_event.json`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate self as journaled;
+
+mod config;
+pub mod context;
+mod error;
+mod event;
+pub mod schema;
+pub mod store;
+mod transaction;
+
+pub use config::{Config, DEFAULT_MAX_RECORD_SIZE, DEFAULT_PRIORITY};
+pub use context::{
+    Context, ContextError, Tags, actor_uri, app_name, commit_hash, current_actor, current_tags,
+    scope, tagged, with_actor,
+};
+pub use error::{Error, Result, Violation};
+pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
+pub use journaled_derive::Event;
+pub use store::{Backend, Job, JobId, StoredRecord, migrate};
+pub use transaction::{Journaled, Transaction};
+
+/// Journals an event: validated and serialized now.
+///
+/// - `journal!(tx, event)` on a [`Transaction`] stages it for COMMIT and returns
+///   `Result<EventId, Error>`.
+/// - `journal!(journaled, event).await` on a [`Journaled`] writes its job at once, outside any
+///   transaction.
+///
+/// The event is borrowed; pass a value or a place.
+#[macro_export]
+macro_rules! journal {
+    ($target:expr, $event:expr $(,)?) => {{
+        #[allow(unused_imports)]
+        use $crate::__private::{JournalNow as _, Stage as _};
+        ($target).journal_event(&$event)
+    }};
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::transaction::targets::{JournalNow, Stage};
+    pub use serde_json::json;
+}

@@ -1,0 +1,298 @@
+//! The journaled transaction: stage events in memory, write one job row per enqueue group
+//! just before COMMIT.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use crate::event::{self, EventId, Prepared};
+use crate::schema::SchemaRegistry;
+use crate::store::{self, Backend, BoxFuture, Job, NewJob};
+use crate::{Config, Error, Event};
+
+struct Shared {
+    config: Config,
+    schemas: SchemaRegistry,
+}
+
+/// The entry point: a connection pool plus the configuration and compiled schemas.
+///
+/// Cheap to clone; clones share the schema cache.
+pub struct Journaled<DB: Backend> {
+    pool: sqlx::Pool<DB>,
+    shared: Arc<Shared>,
+}
+
+impl<DB: Backend> Clone for Journaled<DB> {
+    fn clone(&self) -> Self {
+        Journaled {
+            pool: self.pool.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> std::fmt::Debug for Journaled<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journaled")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB: Backend> Journaled<DB> {
+    /// Journals into `pool` with `config`.
+    pub fn new(pool: sqlx::Pool<DB>, config: Config) -> Self {
+        let schemas = SchemaRegistry::new(config.schema_roots.clone());
+        Journaled {
+            pool,
+            shared: Arc::new(Shared { config, schemas }),
+        }
+    }
+
+    /// Journals into `pool` with [`Config::from_env`].
+    pub fn from_env(pool: sqlx::Pool<DB>) -> Result<Self, Error> {
+        Ok(Self::new(pool, Config::from_env()?))
+    }
+
+    /// The pool jobs are written to.
+    pub fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The schema registry (compiled schemas are cached here).
+    pub fn schemas(&self) -> &SchemaRegistry {
+        &self.shared.schemas
+    }
+
+    /// Runs journaled's migrations on the pool (see [`crate::migrate`]).
+    pub async fn migrate(&self) -> Result<(), Error> {
+        store::migrate(&self.pool).await
+    }
+
+    /// Begins a journaled transaction on a new pooled connection.
+    pub async fn begin(&self) -> Result<Transaction<'static, DB>, Error> {
+        Ok(self.wrap(self.pool.begin().await?))
+    }
+
+    /// Makes the application's own sqlx transaction a journaled one; commit it through the
+    /// returned [`Transaction`].
+    pub fn wrap<'c>(&self, tx: sqlx::Transaction<'c, DB>) -> Transaction<'c, DB> {
+        Transaction {
+            tx,
+            staged: Vec::new(),
+            parent: None,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Begins a journaled transaction on a connection the application holds — a savepoint when
+    /// that connection is already in a transaction, as `&mut *app_tx` is:
+    ///
+    /// ```no_run
+    /// # async fn f(journaled: journaled::Journaled<sqlx::Postgres>, pool: sqlx::PgPool) -> Result<(), journaled::Error> {
+    /// let mut app_tx = pool.begin().await?;              // the application's own transaction
+    /// let mut jtx = journaled.begin_on(&mut *app_tx).await?;
+    /// // journal!(jtx, SomeEvent { .. })?;
+    /// jtx.commit().await?;      // writes the job, releases the savepoint
+    /// app_tx.commit().await?;   // the job exists if and only if this commits
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin_on<'c>(
+        &self,
+        conn: &'c mut DB::Connection,
+    ) -> Result<Transaction<'c, DB>, Error> {
+        let tx = sqlx::Connection::begin(conn).await?;
+        Ok(self.wrap(tx))
+    }
+
+    /// Validates and serializes `event` without writing anything: the same checks `journal!` makes.
+    pub fn validate<E: Event>(&self, event: &E) -> Result<(), Error> {
+        self.prepare(event).map(drop)
+    }
+
+    fn prepare<E: Event>(&self, event: &E) -> Result<Prepared, Error> {
+        event::prepare(event, &self.shared.config, &self.shared.schemas)
+    }
+
+    /// Journals one event outside any transaction: its job is written at once, on its own.
+    /// This is what `journal!(journaled, event).await` does.
+    pub fn journal_now<E: Event>(&self, event: &E) -> BoxFuture<'_, Result<EventId, Error>> {
+        let prepared = self.prepare(event);
+        Box::pin(async move {
+            let prepared = prepared?;
+            let id = prepared.id;
+            if self.shared.config.enabled {
+                let jobs = store::group(std::slice::from_ref(&prepared));
+                let mut conn = self.pool.acquire().await?;
+                let ids = DB::insert_jobs(&mut conn, &jobs).await?;
+                log_enqueued(&jobs, &ids, std::slice::from_ref(&prepared));
+            }
+            Ok(id)
+        })
+    }
+
+    /// Every job row, oldest first (for status, tests and examples).
+    pub async fn jobs(&self) -> Result<Vec<Job>, Error> {
+        DB::jobs(&self.pool).await
+    }
+}
+
+/// A database transaction that journals events: they are validated when journaled, kept in
+/// memory, and written as job rows just before COMMIT.
+///
+/// Dereferences to the connection, so `&mut *tx` runs the application's own queries in the
+/// same transaction. Dropping it, or [`rollback`](Self::rollback), discards the staged events.
+pub struct Transaction<'c, DB: Backend> {
+    tx: sqlx::Transaction<'c, DB>,
+    staged: Vec<Prepared>,
+    /// A savepoint hands its events to its parent on release.
+    parent: Option<&'c mut Vec<Prepared>>,
+    shared: Arc<Shared>,
+}
+
+impl<DB: Backend> std::fmt::Debug for Transaction<'_, DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("staged", &self.staged.len())
+            .field("savepoint", &self.parent.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'c, DB: Backend> Transaction<'c, DB> {
+    /// Validates and serializes `event` now, and stages it for COMMIT. On error nothing is
+    /// staged and the transaction is untouched. This is what `journal!(tx, event)` does.
+    pub fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, Error> {
+        let prepared = event::prepare(event, &self.shared.config, &self.shared.schemas)?;
+        let id = prepared.id;
+        tracing::debug!(
+            target: "journaled.event.stage",
+            event_type = prepared.event_type,
+            event_id = %id,
+            priority = prepared.priority,
+            "event staged"
+        );
+        if self.shared.config.enabled {
+            self.staged.push(prepared);
+        }
+        Ok(id)
+    }
+
+    /// How many events are staged in this transaction (not counting open savepoints).
+    pub fn staged_len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Begins a savepoint. Its events join this transaction's when it commits (releases), and
+    /// are dropped when it rolls back or is dropped.
+    pub async fn begin(&mut self) -> Result<Transaction<'_, DB>, Error> {
+        let tx = sqlx::Connection::begin(&mut *self.tx).await?;
+        Ok(Transaction {
+            tx,
+            staged: Vec::new(),
+            parent: Some(&mut self.staged),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Writes one job per (priority, run-at) group of the staged events, then commits.
+    /// For a savepoint: releases it and hands the events to the parent transaction.
+    pub async fn commit(self) -> Result<(), Error> {
+        let Transaction {
+            mut tx,
+            staged,
+            parent,
+            ..
+        } = self;
+        if let Some(parent) = parent {
+            tx.commit().await?;
+            parent.extend(staged);
+            return Ok(());
+        }
+        if staged.is_empty() {
+            tx.commit().await?;
+            return Ok(());
+        }
+        let jobs = store::group(&staged);
+        let ids = DB::insert_jobs(&mut tx, &jobs).await?;
+        tx.commit().await?;
+        log_enqueued(&jobs, &ids, &staged);
+        Ok(())
+    }
+
+    /// Rolls back; the staged events are discarded.
+    pub async fn rollback(self) -> Result<(), Error> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}
+
+fn log_enqueued(jobs: &[NewJob], ids: &[store::JobId], events: &[Prepared]) {
+    for (job, id) in jobs.iter().zip(ids) {
+        tracing::info!(
+            target: "journaled.batch.enqueue",
+            job_id = id.0,
+            priority = job.priority,
+            event_count = job.event_count,
+            "job enqueued"
+        );
+    }
+    for event in events {
+        tracing::debug!(
+            target: "journaled.event.enqueue",
+            event_type = event.event_type,
+            event_id = %event.id,
+            priority = event.priority,
+            "event enqueued"
+        );
+    }
+}
+
+impl<DB: Backend> Deref for Transaction<'_, DB> {
+    type Target = DB::Connection;
+
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl<DB: Backend> DerefMut for Transaction<'_, DB> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+#[doc(hidden)]
+pub mod targets {
+    //! What `journal!` dispatches on: a transaction stages, a `Journaled` writes at once.
+    use super::*;
+
+    /// `journal!(tx, event)`: stage in a transaction.
+    pub trait Stage {
+        /// See [`Transaction::journal_event`].
+        fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, Error>;
+    }
+
+    impl<DB: Backend> Stage for Transaction<'_, DB> {
+        fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, Error> {
+            Transaction::journal_event(self, event)
+        }
+    }
+
+    /// `journal!(journaled, event).await`: write a job at once.
+    pub trait JournalNow {
+        /// See [`Journaled::journal_now`].
+        fn journal_event<E: Event>(&self, event: &E) -> BoxFuture<'_, Result<EventId, Error>>;
+    }
+
+    impl<DB: Backend> JournalNow for Journaled<DB> {
+        fn journal_event<E: Event>(&self, event: &E) -> BoxFuture<'_, Result<EventId, Error>> {
+            self.journal_now(event)
+        }
+    }
+}
