@@ -19,7 +19,9 @@ pub type Tags = Map<String, Value>;
 #[non_exhaustive]
 pub enum ContextError {
     /// `tag!` was called outside any `tagged`/`scope`/`with_actor` scope, so there was nowhere to keep the tags.
-    #[error("tag! called outside a journaled scope: wrap the work in journaled::scope(..) or journaled::tagged(..)")]
+    #[error(
+        "tag! called outside a journaled scope: wrap the work in journaled::scope(..) or journaled::tagged(..)"
+    )]
     NoScope,
     /// `commit_hash()` was called but `GIT_COMMIT` is not set.
     #[error("GIT_COMMIT is not set: set it to the deployed commit to use journaled::commit_hash()")]

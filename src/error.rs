@@ -15,7 +15,11 @@ pub struct Violation {
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pointer = if self.pointer.is_empty() { "/" } else { &self.pointer };
+        let pointer = if self.pointer.is_empty() {
+            "/"
+        } else {
+            &self.pointer
+        };
         write!(f, "{pointer}: {} ({} schema)", self.message, self.schema)
     }
 }
@@ -86,7 +90,9 @@ pub enum Error {
         reason: String,
     },
     /// The serialized record (data plus partition key) is over the Kinesis record limit.
-    #[error("event `{event_type}` is {size} bytes with its partition key, over the {limit}-byte record limit")]
+    #[error(
+        "event `{event_type}` is {size} bytes with its partition key, over the {limit}-byte record limit"
+    )]
     RecordTooLarge {
         /// The event type.
         event_type: String,

@@ -16,7 +16,9 @@ use crate::{Config, Error, context, schema::SchemaRegistry};
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 
 /// The id of one event: a UUID v7, so ids sort by creation time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct EventId(pub Uuid);
 

@@ -11,8 +11,14 @@ use crate::error::{Error, Violation};
 
 /// Schemas that ship with the crate; they are searched before any folder.
 const BUILT_IN: &[(&str, &str)] = &[
-    ("base_event", include_str!("../journaled_schemas/base_event.json")),
-    ("tagged_event", include_str!("../journaled_schemas/tagged_event.json")),
+    (
+        "base_event",
+        include_str!("../journaled_schemas/base_event.json"),
+    ),
+    (
+        "tagged_event",
+        include_str!("../journaled_schemas/tagged_event.json"),
+    ),
 ];
 
 /// What [`SchemaRegistry::check`] found for one schema file.

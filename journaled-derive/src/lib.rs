@@ -45,7 +45,11 @@ struct Options {
 
 fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     let mut opts = Options::default();
-    for attr in input.attrs.iter().filter(|a| a.path().is_ident("journaled")) {
+    for attr in input
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("journaled"))
+    {
         attr.parse_nested_meta(|meta| {
             let key = meta
                 .path
@@ -75,8 +79,18 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         })?;
     }
     conflict(&opts.stream, &opts.stream_with, "stream", "stream_with")?;
-    conflict(&opts.priority, &opts.priority_with, "priority", "priority_with")?;
-    conflict(&opts.delay_secs, &opts.run_at_with, "delay_secs", "run_at_with")?;
+    conflict(
+        &opts.priority,
+        &opts.priority_with,
+        "priority",
+        "priority_with",
+    )?;
+    conflict(
+        &opts.delay_secs,
+        &opts.run_at_with,
+        "delay_secs",
+        "run_at_with",
+    )?;
 
     let fields = match &input.data {
         Data::Struct(s) => &s.fields,
@@ -192,7 +206,11 @@ fn conflict<A, B>(a: &Option<A>, b: &Option<B>, an: &str, bn: &str) -> syn::Resu
 fn partition_key_field(fields: &Fields) -> syn::Result<Option<TokenStream2>> {
     let mut found = None;
     for (index, field) in fields.iter().enumerate() {
-        for attr in field.attrs.iter().filter(|a| a.path().is_ident("journaled")) {
+        for attr in field
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("journaled"))
+        {
             attr.parse_nested_meta(|meta| {
                 if !meta.path.is_ident("partition_key") {
                     return Err(meta.error("the only journaled field attribute is `partition_key`"));
@@ -245,7 +263,10 @@ mod tests {
 
     #[test]
     fn snake_case_names() {
-        assert_eq!(snake_case("ContractAcceptanceEvent"), "contract_acceptance_event");
+        assert_eq!(
+            snake_case("ContractAcceptanceEvent"),
+            "contract_acceptance_event"
+        );
         assert_eq!(snake_case("HTTPRequestSent"), "http_request_sent");
         assert_eq!(snake_case("User2Created"), "user2_created");
         assert_eq!(snake_case("Simple"), "simple");

@@ -89,7 +89,11 @@ async fn migrate(pool: &PgPool) -> Result<(), Error> {
         .bind(migration.checksum())
         .execute(&mut *tx)
         .await?;
-        tracing::info!(version = migration.version, description = migration.description, "applied journaled migration");
+        tracing::info!(
+            version = migration.version,
+            description = migration.description,
+            "applied journaled migration"
+        );
     }
     tx.commit().await?;
     Ok(())

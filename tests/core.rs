@@ -1,0 +1,643 @@
+//! The core guarantees of issue 2, on PostgreSQL and SQLite: events exist if and only if the
+//! transaction commits, in one job per enqueue group, with the exact validated bytes.
+
+mod common;
+
+use common::{AppSql, TestDb, test_config};
+use journaled::{Backend, Error, Event, Journaled, journal, tagged, tags, with_actor};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+#[derive(Serialize, journaled::Event)]
+struct TestEvent {
+    name: String,
+    count: i64,
+}
+
+fn test_event(name: &str) -> TestEvent {
+    TestEvent {
+        name: name.into(),
+        count: 1,
+    }
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", priority = 5)]
+struct Urgent {
+    n: i32,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", delay_secs = 3600)]
+struct Delayed {
+    n: i32,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", stream = "other_stream")]
+struct OtherStream {
+    n: i32,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Keyed {
+    #[journaled(partition_key)]
+    account: String,
+}
+
+fn key_of(event: &CustomKey) -> String {
+    format!("account-{}", event.account)
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", partition_key_with = key_of)]
+struct CustomKey {
+    account: u64,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(tagged)]
+struct TaggedTestEvent {
+    name: String,
+}
+
+#[derive(Serialize, journaled::Event)]
+struct Draft4Event {
+    level: i64,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Blob {
+    blob: String,
+}
+
+#[derive(Serialize, journaled::Event)]
+struct MissingSchemaEvent {
+    n: i32,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Clash {
+    id: i32,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Scalar(i32);
+
+/// Events that share (priority, run_at) share a job, whatever their stream; each group is one job.
+async fn commit_writes_one_job_per_group<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("a")).unwrap();
+    journal!(tx, OtherStream { n: 1 }).unwrap();
+    journal!(tx, Urgent { n: 2 }).unwrap();
+    journal!(tx, test_event("b")).unwrap();
+    journal!(tx, Delayed { n: 3 }).unwrap();
+    journal!(tx, Urgent { n: 4 }).unwrap();
+    assert_eq!(tx.staged_len(), 6);
+    assert!(
+        journaled.jobs().await.unwrap().is_empty(),
+        "nothing before commit"
+    );
+    tx.commit().await.unwrap();
+
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 3, "{jobs:#?}");
+    let summary: Vec<(i32, i32, Vec<String>)> = jobs
+        .iter()
+        .map(|job| {
+            let records = job.records().unwrap();
+            let streams = records.iter().map(|r| r.stream.clone()).collect();
+            (job.priority, job.event_count, streams)
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                20,
+                3,
+                vec![
+                    "test_stream".into(),
+                    "other_stream".into(),
+                    "test_stream".into()
+                ]
+            ),
+            (5, 2, vec!["test_stream".into(), "test_stream".into()]),
+            (20, 1, vec!["test_stream".into()]),
+        ]
+    );
+    let delayed = &jobs[2];
+    let wait = delayed.run_at - delayed.created_at;
+    assert!(
+        wait.whole_minutes() >= 59,
+        "delayed job runs in an hour: {wait}"
+    );
+    assert!(jobs[0].run_at <= jobs[0].created_at + time::Duration::seconds(1));
+    assert!(jobs.iter().all(|j| j.attempts == 0 && j.dead_at.is_none()));
+}
+
+async fn rollback_and_drop_write_nothing<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("rolled back")).unwrap();
+    tx.rollback().await.unwrap();
+
+    {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(tx, test_event("dropped")).unwrap();
+        // dropped without commit
+    }
+
+    // An error in the application's own statement before commit: the caller bails out.
+    let result: Result<(), Error> = async {
+        let mut tx = journaled.begin().await?;
+        journal!(tx, test_event("failed"))?;
+        DB::try_exec(&mut tx, "SELECT * FROM no_such_table").await?;
+        tx.commit().await
+    }
+    .await;
+    assert!(matches!(result, Err(Error::Database(_))), "{result:?}");
+    assert!(journaled.jobs().await.unwrap().is_empty());
+}
+
+async fn application_writes_share_the_transaction<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    DB::exec(
+        &mut *db.pool.acquire().await.unwrap(),
+        "CREATE TABLE app_users (id INTEGER PRIMARY KEY, accepted BOOLEAN NOT NULL DEFAULT FALSE); \
+         INSERT INTO app_users (id) VALUES (1), (2)",
+    )
+    .await;
+    let mut tx = journaled.begin().await.unwrap();
+    DB::exec(&mut tx, "UPDATE app_users SET accepted = TRUE WHERE id = 1").await;
+    journal!(tx, test_event("one")).unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = journaled.begin().await.unwrap();
+    DB::exec(&mut tx, "UPDATE app_users SET accepted = TRUE WHERE id = 2").await;
+    journal!(tx, test_event("two")).unwrap();
+    tx.rollback().await.unwrap();
+
+    let accepted = DB::count(&db.pool, "SELECT COUNT(*) FROM app_users WHERE accepted").await;
+    assert_eq!(accepted, 1);
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let data: Value = serde_json::from_slice(jobs[0].records().unwrap()[0].data()).unwrap();
+    assert_eq!(data["name"], "one");
+}
+
+async fn savepoints_merge_on_release_and_drop_on_rollback<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("outer")).unwrap();
+    {
+        let mut released = tx.begin().await.unwrap();
+        journal!(released, test_event("released")).unwrap();
+        {
+            let mut inner_rolled_back = released.begin().await.unwrap();
+            journal!(inner_rolled_back, test_event("inner rolled back")).unwrap();
+            inner_rolled_back.rollback().await.unwrap();
+        }
+        {
+            let mut inner = released.begin().await.unwrap();
+            journal!(inner, test_event("inner released")).unwrap();
+            inner.commit().await.unwrap();
+        }
+        released.commit().await.unwrap();
+    }
+    {
+        let mut rolled_back = tx.begin().await.unwrap();
+        journal!(rolled_back, test_event("rolled back")).unwrap();
+        rolled_back.rollback().await.unwrap();
+    }
+    {
+        let mut dropped = tx.begin().await.unwrap();
+        journal!(dropped, test_event("dropped")).unwrap();
+    }
+    assert_eq!(tx.staged_len(), 3);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        names(&journaled).await,
+        ["outer", "released", "inner released"]
+    );
+}
+
+async fn names<DB: Backend>(journaled: &Journaled<DB>) -> Vec<String> {
+    events(journaled)
+        .await
+        .iter()
+        .map(|e| e["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn events<DB: Backend>(journaled: &Journaled<DB>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for job in journaled.jobs().await.unwrap() {
+        for record in job.records().unwrap() {
+            out.push(serde_json::from_slice(record.data()).unwrap());
+        }
+    }
+    out
+}
+
+async fn journaling_outside_a_transaction_writes_at_once<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let id = journal!(journaled, test_event("now")).await.unwrap();
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let records = jobs[0].records().unwrap();
+    assert_eq!(records[0].id, id);
+    assert_eq!(
+        records[0].partition_key,
+        id.to_string(),
+        "default key: the event id"
+    );
+
+    let err = journal!(journaled, MissingSchemaEvent { n: 1 })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SchemaNotFound { .. }), "{err}");
+    assert_eq!(journaled.jobs().await.unwrap().len(), 1);
+}
+
+/// An application that already holds a sqlx transaction journals through a savepoint on it.
+async fn an_existing_sqlx_transaction_can_journal<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut app_tx = db.pool.begin().await.unwrap();
+    let mut jtx = journaled.begin_on(&mut app_tx).await.unwrap();
+    journal!(jtx, test_event("in app tx")).unwrap();
+    jtx.commit().await.unwrap();
+    app_tx.rollback().await.unwrap();
+    assert!(
+        journaled.jobs().await.unwrap().is_empty(),
+        "the outer rollback wins"
+    );
+
+    let mut app_tx = db.pool.begin().await.unwrap();
+    let mut jtx = journaled.begin_on(&mut app_tx).await.unwrap();
+    journal!(jtx, test_event("committed")).unwrap();
+    jtx.commit().await.unwrap();
+    app_tx.commit().await.unwrap();
+
+    let app_tx = db.pool.begin().await.unwrap();
+    let mut jtx = journaled.wrap(app_tx);
+    journal!(jtx, test_event("wrapped")).unwrap();
+    jtx.commit().await.unwrap();
+    assert_eq!(names(&journaled).await, ["committed", "wrapped"]);
+}
+
+/// Invariant 2: each bad input fails `journal!` with an error naming the event type and the
+/// problem; nothing is staged and the application's own writes can still commit.
+async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    DB::exec(
+        &mut *db.pool.acquire().await.unwrap(),
+        "CREATE TABLE app_notes (id INTEGER PRIMARY KEY)",
+    )
+    .await;
+    let mut tx = journaled.begin().await.unwrap();
+    DB::exec(&mut tx, "INSERT INTO app_notes (id) VALUES (1)").await;
+
+    let err = journal!(
+        tx,
+        TestEvent {
+            name: String::new(),
+            count: -1
+        }
+    )
+    .unwrap_err();
+    match &err {
+        Error::SchemaViolation {
+            event_type,
+            violations,
+        } => {
+            assert_eq!(event_type, "test_event");
+            let pointers: Vec<&str> = violations.iter().map(|v| v.pointer.as_str()).collect();
+            assert!(
+                pointers.contains(&"/name") && pointers.contains(&"/count"),
+                "{violations:?}"
+            );
+        }
+        other => panic!("expected a schema violation, got {other}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("test_event") && message.contains("/count"),
+        "{message}"
+    );
+
+    let err = journal!(tx, MissingSchemaEvent { n: 1 }).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("missing_schema_event"), "{message}");
+    assert!(
+        message.contains("tests/journaled_schemas/missing_schema_event.json"),
+        "{message}"
+    );
+
+    let no_stream = Journaled::new(
+        db.pool.clone(),
+        test_config().with_schema_roots([common::schema_root()]),
+    );
+    let mut config_without_stream =
+        journaled::Config::default().with_schema_roots([common::schema_root()]);
+    config_without_stream = config_without_stream.with_app_name("x");
+    let no_stream_journaled = Journaled::new(db.pool.clone(), config_without_stream);
+    drop(no_stream);
+    let mut tx2 = no_stream_journaled.begin().await.unwrap();
+    let err = journal!(tx2, test_event("x")).unwrap_err();
+    assert!(
+        matches!(err, Error::MissingStreamName { ref event_type } if event_type == "test_event"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("JOURNALED_STREAM_NAME"), "{err}");
+    // An event naming its own stream needs no default.
+    journal!(tx2, OtherStream { n: 1 }).unwrap();
+    tx2.rollback().await.unwrap();
+
+    let err = journal!(
+        tx,
+        Keyed {
+            account: String::new()
+        }
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidPartitionKey { .. }) && err.to_string().contains("empty"),
+        "{err}"
+    );
+    let err = journal!(
+        tx,
+        Keyed {
+            account: "k".repeat(257)
+        }
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("257 characters") && err.to_string().contains("free_event"),
+        "{err}"
+    );
+    journal!(
+        tx,
+        Keyed {
+            account: "k".repeat(256)
+        }
+    )
+    .unwrap();
+
+    let err = journal!(
+        tx,
+        Blob {
+            blob: "x".repeat(1024 * 1024)
+        }
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RecordTooLarge {
+                limit: 1_048_576,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let err = journal!(tx, Clash { id: 1 }).unwrap_err();
+    assert!(
+        matches!(err, Error::ReservedAttribute { ref name, .. } if name == "id"),
+        "{err}"
+    );
+    let err = journal!(tx, Scalar(1)).unwrap_err();
+    assert!(err.to_string().contains("not an object"), "{err}");
+
+    assert_eq!(tx.staged_len(), 1, "only the valid event is staged");
+    tx.commit().await.unwrap();
+    assert_eq!(
+        DB::count(&db.pool, "SELECT COUNT(*) FROM app_notes").await,
+        1
+    );
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].event_count, 1);
+    assert_eq!(jobs[0].records().unwrap()[0].partition_key, "k".repeat(256));
+}
+
+/// Invariant 3: the stored bytes are exactly the serialization that was validated.
+async fn stored_bytes_are_the_validated_bytes<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    #[derive(Serialize)]
+    struct Exact {
+        text: String,
+        ratio: f64,
+        nested: Value,
+    }
+    impl Event for Exact {
+        const EVENT_TYPE: &'static str = "free_event";
+        fn created_at(&self) -> Option<time::OffsetDateTime> {
+            Some(time::macros::datetime!(2019-01-28 11:06:54.928 -05:00))
+        }
+        fn partition_key(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some("p \"quoted\" ✓".into())
+        }
+    }
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    let event = Exact {
+        text: "é \"q\" \n\u{1}".into(),
+        ratio: 0.1,
+        nested: json!({"z": 1, "a": [true, null]}),
+    };
+    let id = journal!(tx, event).unwrap();
+    tx.commit().await.unwrap();
+    let expected = format!(
+        r#"{{"id":"{id}","event_type":"free_event","created_at":"2019-01-28T11:06:54.928-05:00","text":"é \"q\" \n\u0001","ratio":0.1,"nested":{{"z":1,"a":[true,null]}}}}"#
+    );
+    let jobs = journaled.jobs().await.unwrap();
+    let record = &jobs[0].records().unwrap()[0];
+    assert_eq!(std::str::from_utf8(record.data()).unwrap(), expected);
+    assert_eq!(record.partition_key, "p \"quoted\" ✓");
+    assert_eq!(record.id, id);
+}
+
+async fn derive_attributes_set_key_stream_and_priority<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(
+        tx,
+        Keyed {
+            account: "acct-1".into()
+        }
+    )
+    .unwrap();
+    journal!(tx, CustomKey { account: 7 }).unwrap();
+    journal!(tx, OtherStream { n: 1 }).unwrap();
+    tx.commit().await.unwrap();
+    let jobs = journaled.jobs().await.unwrap();
+    let records = jobs[0].records().unwrap();
+    let keys: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r.partition_key.as_str(), r.stream.as_str()))
+        .collect();
+    assert_eq!(keys[0], ("acct-1", "test_stream"));
+    assert_eq!(keys[1], ("account-7", "test_stream"));
+    assert_eq!(keys[2].1, "other_stream");
+    assert_eq!(Urgent::EVENT_TYPE, "free_event");
+    assert_eq!(TaggedTestEvent::EVENT_TYPE, "tagged_test_event");
+    const { assert!(TaggedTestEvent::TAGGED && !TestEvent::TAGGED) };
+}
+
+/// A schema without `$schema` is Draft 4: boolean `exclusiveMaximum` means "strictly below".
+async fn schemas_without_dollar_schema_are_draft4<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, Draft4Event { level: 9 }).unwrap();
+    let err = journal!(tx, Draft4Event { level: 10 }).unwrap_err();
+    assert!(err.to_string().contains("/level"), "{err}");
+}
+
+async fn tags_and_actor_are_captured_at_journal_time<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let journaled = journaled.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(tagged(
+            tags! { request_id = format!("req-{i}") },
+            with_actor(format!("gid://app/User/{i}"), async move {
+                barrier.wait().await; // both tasks are inside their scopes now
+                journaled::tag!(step = i).unwrap();
+                tokio::task::yield_now().await;
+                let mut tx = journaled.begin().await.unwrap();
+                journal!(
+                    tx,
+                    TaggedTestEvent {
+                        name: format!("task-{i}")
+                    }
+                )
+                .unwrap();
+                assert_eq!(journaled::actor_uri(), format!("gid://app/User/{i}"));
+                barrier.wait().await;
+                // Tags changed after journal! do not reach the staged event.
+                journaled::tag!(request_id = "changed later").unwrap();
+                tx.commit().await.unwrap();
+            }),
+        )));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let events = events(&journaled).await;
+    assert_eq!(events.len(), 2);
+    for event in events {
+        let i = event["name"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("task-")
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            event["tags"],
+            json!({ "request_id": format!("req-{i}"), "step": i.parse::<i64>().unwrap() })
+        );
+    }
+
+    // Outside any scope: no tags, the fallback actor, and tag! says why it cannot tag.
+    assert_eq!(journaled::current_tags(), journaled::Tags::new());
+    assert_eq!(
+        journaled::actor_uri(),
+        format!("gid://{}", journaled::app_name())
+    );
+    assert_eq!(
+        journaled::tag!(x = 1),
+        Err(journaled::ContextError::NoScope)
+    );
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(
+        tx,
+        TaggedTestEvent {
+            name: "untagged".into()
+        }
+    )
+    .unwrap();
+    tx.rollback().await.unwrap();
+}
+
+async fn disabled_journaling_validates_but_writes_nothing<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    db.migrated().await;
+    let journaled = db.journaled(test_config().with_enabled(false));
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("ignored")).unwrap();
+    assert!(
+        journal!(
+            tx,
+            TestEvent {
+                name: String::new(),
+                count: 0
+            }
+        )
+        .is_err()
+    );
+    tx.commit().await.unwrap();
+    journal!(journaled, test_event("ignored")).await.unwrap();
+    assert!(journaled.jobs().await.unwrap().is_empty());
+}
+
+async fn migrations_are_idempotent_and_private<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let mut conn = db.pool.acquire().await.unwrap();
+    DB::exec(
+        &mut conn,
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL); \
+         INSERT INTO _sqlx_migrations VALUES (20240101000000, 'the app''s own')",
+    )
+    .await;
+    drop(conn);
+    let journaled = db.journaled(test_config());
+    let (a, b) = tokio::join!(journaled.migrate(), journaled.migrate());
+    a.unwrap();
+    b.unwrap();
+    journaled.migrate().await.unwrap();
+    assert_eq!(
+        DB::count(&db.pool, "SELECT COUNT(*) FROM _sqlx_migrations").await,
+        1
+    );
+    journal!(journaled, test_event("after migrations"))
+        .await
+        .unwrap();
+    assert_eq!(journaled.jobs().await.unwrap().len(), 1);
+}
+
+on_both_backends!(
+    commit_writes_one_job_per_group,
+    rollback_and_drop_write_nothing,
+    application_writes_share_the_transaction,
+    savepoints_merge_on_release_and_drop_on_rollback,
+    journaling_outside_a_transaction_writes_at_once,
+    an_existing_sqlx_transaction_can_journal,
+    bad_input_is_refused_and_nothing_is_written,
+    stored_bytes_are_the_validated_bytes,
+    derive_attributes_set_key_stream_and_priority,
+    schemas_without_dollar_schema_are_draft4,
+    tags_and_actor_are_captured_at_journal_time,
+    disabled_journaling_validates_but_writes_nothing,
+    migrations_are_idempotent_and_private,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_tracking_tables_are_journaleds_own() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    db.migrated().await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables \
+         WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, ["journaled.jobs", "journaled.schema_migrations"]);
+}
