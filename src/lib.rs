@@ -46,6 +46,8 @@
 
 extern crate self as journaled;
 
+#[doc(hidden)]
+pub mod cli;
 mod config;
 pub mod context;
 mod error;

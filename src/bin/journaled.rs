@@ -1,1 +1,5 @@
-fn main() {}
+//! The `journaled` binary: see `journaled --help`.
+
+fn main() -> std::process::ExitCode {
+    journaled::cli::main()
+}
