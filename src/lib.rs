@@ -50,8 +50,10 @@ extern crate self as journaled;
 pub mod cli;
 mod config;
 pub mod context;
+pub mod delivery;
 mod error;
 mod event;
+pub mod kinesis;
 pub mod schema;
 pub mod store;
 mod transaction;
@@ -61,10 +63,11 @@ pub use context::{
     Context, ContextError, Tags, actor_uri, app_name, commit_hash, current_actor, current_tags,
     scope, tagged, with_actor,
 };
+pub use delivery::{Worker, WorkerConfig, WorkerStats};
 pub use error::{Error, Result, Violation};
 pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
 pub use journaled_derive::Event;
-pub use store::{Backend, Job, JobId, StoredRecord, migrate};
+pub use store::{Backend, Job, JobId, Status, StoredRecord, migrate};
 pub use transaction::{Journaled, Transaction};
 
 /// Journals an event: validated and serialized now.

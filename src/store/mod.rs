@@ -100,27 +100,52 @@ impl StoredRecord {
     }
 }
 
-/// Encodes events into the `records` column format.
-pub(crate) fn encode_records<'a>(events: impl IntoIterator<Item = &'a Prepared>) -> String {
+/// Encodes records into the `records` column format from (id, stream, partition key, data).
+pub(crate) fn encode_parts<'a>(
+    parts: impl IntoIterator<Item = (EventId, &'a str, &'a str, &'a str)>,
+) -> String {
     let mut out = Vec::with_capacity(256);
     out.push(b'[');
-    for (i, event) in events.into_iter().enumerate() {
+    for (i, (id, stream, partition_key, data)) in parts.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"id\":\"");
-        out.extend_from_slice(event.id.to_string().as_bytes());
+        out.extend_from_slice(id.to_string().as_bytes());
         out.extend_from_slice(b"\",\"stream\":");
-        serde_json::to_writer(&mut out, &event.stream).expect("writing to a Vec cannot fail");
+        serde_json::to_writer(&mut out, stream).expect("writing to a Vec cannot fail");
         out.extend_from_slice(b",\"partition_key\":");
-        serde_json::to_writer(&mut out, &event.partition_key)
-            .expect("writing to a Vec cannot fail");
+        serde_json::to_writer(&mut out, partition_key).expect("writing to a Vec cannot fail");
         out.extend_from_slice(b",\"data\":");
-        out.extend_from_slice(event.data.as_bytes());
+        out.extend_from_slice(data.as_bytes());
         out.push(b'}');
     }
     out.push(b']');
     String::from_utf8(out).expect("JSON written from strings is UTF-8")
+}
+
+/// Encodes staged events into the `records` column format.
+pub(crate) fn encode_records<'a>(events: impl IntoIterator<Item = &'a Prepared>) -> String {
+    encode_parts(events.into_iter().map(|e| {
+        (
+            e.id,
+            e.stream.as_str(),
+            e.partition_key.as_str(),
+            e.data.as_str(),
+        )
+    }))
+}
+
+/// Encodes stored records again (what is left of a job after a partial delivery).
+pub(crate) fn encode_stored<'a>(records: impl IntoIterator<Item = &'a StoredRecord>) -> String {
+    encode_parts(records.into_iter().map(|r| {
+        (
+            r.id,
+            r.stream.as_str(),
+            r.partition_key.as_str(),
+            r.data.get(),
+        )
+    }))
 }
 
 /// Decodes the `records` column; the message says what is wrong.
@@ -200,6 +225,57 @@ pub(crate) fn pending(
     Ok(todo)
 }
 
+/// A job claimed by a worker, under a lease.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Its id.
+    pub id: JobId,
+    /// Its priority.
+    pub priority: i32,
+    /// Failed deliveries so far.
+    pub attempts: i32,
+    /// The encoded records.
+    pub records: String,
+    /// When it was inserted (the commit time, near enough).
+    pub created_at: OffsetDateTime,
+}
+
+/// What to write back for a job that was not fully delivered.
+#[derive(Debug, Clone)]
+pub struct Reschedule {
+    /// The job.
+    pub id: JobId,
+    /// The records still to deliver, encoded, with their count; `None` leaves them as they are.
+    pub records: Option<(String, i32)>,
+    /// Failed deliveries, this one included.
+    pub attempts: i32,
+    /// When to try again.
+    pub run_at: OffsetDateTime,
+    /// Why it failed.
+    pub last_error: String,
+    /// Give up: keep it, with its error, until `journaled retry`.
+    pub dead: bool,
+}
+
+/// The queue at a glance, as `journaled status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Status {
+    /// Jobs not yet delivered and not dead.
+    pub pending_jobs: i64,
+    /// Events in those jobs.
+    pub pending_events: i64,
+    /// Pending jobs due now (not leased, not backing off, not delayed).
+    pub due_jobs: i64,
+    /// Jobs a worker holds a lease on.
+    pub leased_jobs: i64,
+    /// Jobs given up on.
+    pub dead_jobs: i64,
+    /// Events in those jobs.
+    pub dead_events: i64,
+    /// Seconds since the oldest pending job was committed.
+    pub oldest_pending_age_secs: Option<f64>,
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for sqlx::Postgres {}
@@ -221,6 +297,46 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 
     /// All job rows, oldest first (for status, tests and examples).
     fn jobs(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<Vec<Job>, Error>>;
+
+    /// Claims up to `limit` due jobs, lowest priority value first, leasing them to `owner` for
+    /// `lease`. One short statement: no lock outlives it.
+    fn claim<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        owner: &'a str,
+        limit: i64,
+        lease: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Vec<Claimed>, Error>>;
+
+    /// Deletes delivered jobs that `owner` still holds; returns how many.
+    fn complete<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        owner: &'a str,
+        ids: &'a [JobId],
+    ) -> BoxFuture<'a, Result<u64, Error>>;
+
+    /// Writes back a job that was not fully delivered, if `owner` still holds it.
+    fn reschedule<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        owner: &'a str,
+        job: &'a Reschedule,
+    ) -> BoxFuture<'a, Result<bool, Error>>;
+
+    /// Gives back every lease `owner` holds, due at once.
+    fn release<'a>(pool: &'a sqlx::Pool<Self>, owner: &'a str)
+    -> BoxFuture<'a, Result<u64, Error>>;
+
+    /// The queue's figures.
+    fn status(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<Status, Error>>;
+
+    /// Makes one job (dead or not), or every dead job, due now with no attempts.
+    fn retry(pool: &sqlx::Pool<Self>, job: Option<JobId>) -> BoxFuture<'_, Result<u64, Error>>;
+
+    /// Wakes `notify` whenever jobs are committed, where the backend can tell (PostgreSQL
+    /// LISTEN/NOTIFY); `None` where it cannot, and the worker polls.
+    fn wake_on_insert(
+        pool: &sqlx::Pool<Self>,
+        notify: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Option<BoxFuture<'static, ()>>;
 }
 
 /// Runs journaled's migrations on `pool`. Tracked in journaled's own table, so the

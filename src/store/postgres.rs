@@ -3,7 +3,12 @@
 use sqlx::{PgConnection, PgPool, Postgres, Row};
 use time::OffsetDateTime;
 
-use super::{Backend, BoxFuture, Job, JobId, Migration, NewJob, pending};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{
+    Backend, BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending,
+};
 use crate::Error;
 
 /// The channel a NOTIFY is sent on when jobs are inserted.
@@ -123,6 +128,163 @@ async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
         .collect()
 }
 
+async fn claim(
+    pool: &PgPool,
+    owner: &str,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<Claimed>, Error> {
+    let rows = sqlx::query(
+        "WITH due AS ( \
+             SELECT id FROM journaled.jobs \
+             WHERE dead_at IS NULL AND run_at <= now() \
+             ORDER BY priority, run_at, id \
+             LIMIT $1 \
+             FOR UPDATE SKIP LOCKED) \
+         UPDATE journaled.jobs j \
+         SET locked_by = $2, \
+             locked_until = now() + make_interval(secs => $3), \
+             run_at = now() + make_interval(secs => $3) \
+         FROM due WHERE j.id = due.id \
+         RETURNING j.id, j.priority, j.attempts, j.records, j.created_at",
+    )
+    .bind(limit)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    let mut claimed = rows
+        .iter()
+        .map(|row| {
+            Ok(Claimed {
+                id: JobId(row.try_get("id")?),
+                priority: row.try_get("priority")?,
+                attempts: row.try_get("attempts")?,
+                records: row.try_get("records")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    claimed.sort_by_key(|c| (c.priority, c.id));
+    Ok(claimed)
+}
+
+async fn complete(pool: &PgPool, owner: &str, ids: &[JobId]) -> Result<u64, Error> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+    Ok(
+        sqlx::query("DELETE FROM journaled.jobs WHERE id = ANY($1) AND locked_by = $2")
+            .bind(&ids)
+            .bind(owner)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
+}
+
+async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "UPDATE journaled.jobs SET records = coalesce($3, records), event_count = coalesce($4, event_count), attempts = $5, run_at = $6, \
+             last_error = $7, dead_at = CASE WHEN $8 THEN now() END, \
+             locked_by = NULL, locked_until = NULL \
+         WHERE id = $1 AND locked_by = $2",
+    )
+    .bind(job.id.0)
+    .bind(owner)
+    .bind(job.records.as_ref().map(|(records, _)| records.as_str()))
+    .bind(job.records.as_ref().map(|(_, count)| *count))
+    .bind(job.attempts)
+    .bind(job.run_at)
+    .bind(&job.last_error)
+    .bind(job.dead)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn release(pool: &PgPool, owner: &str) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "UPDATE journaled.jobs SET locked_by = NULL, locked_until = NULL, run_at = now() \
+         WHERE locked_by = $1 AND dead_at IS NULL",
+    )
+    .bind(owner)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+async fn status(pool: &PgPool) -> Result<Status, Error> {
+    let row = sqlx::query(
+        "SELECT \
+           count(*) FILTER (WHERE dead_at IS NULL) AS pending_jobs, \
+           coalesce(sum(event_count) FILTER (WHERE dead_at IS NULL), 0)::int8 AS pending_events, \
+           count(*) FILTER (WHERE dead_at IS NULL AND run_at <= now()) AS due_jobs, \
+           count(*) FILTER (WHERE dead_at IS NULL AND locked_until > now()) AS leased_jobs, \
+           count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
+           coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0)::int8 AS dead_events, \
+           extract(epoch FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))::float8 AS oldest \
+         FROM journaled.jobs",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Status {
+        pending_jobs: row.try_get("pending_jobs")?,
+        pending_events: row.try_get("pending_events")?,
+        due_jobs: row.try_get("due_jobs")?,
+        leased_jobs: row.try_get("leased_jobs")?,
+        dead_jobs: row.try_get("dead_jobs")?,
+        dead_events: row.try_get("dead_events")?,
+        oldest_pending_age_secs: row.try_get("oldest")?,
+    })
+}
+
+async fn retry(pool: &PgPool, job: Option<JobId>) -> Result<u64, Error> {
+    let query = match job {
+        Some(id) => sqlx::query(
+            "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, run_at = now(), \
+                 locked_by = NULL, locked_until = NULL WHERE id = $1",
+        )
+        .bind(id.0),
+        None => sqlx::query(
+            "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, run_at = now(), \
+                 locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
+        ),
+    };
+    Ok(query.execute(pool).await?.rows_affected())
+}
+
+async fn listen(pool: PgPool, notify: Arc<tokio::sync::Notify>) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(NOTIFY_CHANNEL).await {
+            tracing::warn!(error = %e, "LISTEN failed; polling until it is back");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Anything committed while we were not listening is found by the next claim.
+        notify.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => notify.notify_one(),
+                Ok(None) => {
+                    // The connection dropped; it reconnects on the next call.
+                    notify.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl Backend for Postgres {
     fn insert_jobs<'c>(
         conn: &'c mut PgConnection,
@@ -137,5 +299,49 @@ impl Backend for Postgres {
 
     fn jobs(pool: &PgPool) -> BoxFuture<'_, Result<Vec<Job>, Error>> {
         Box::pin(jobs(pool))
+    }
+
+    fn claim<'a>(
+        pool: &'a PgPool,
+        owner: &'a str,
+        limit: i64,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Claimed>, Error>> {
+        Box::pin(claim(pool, owner, limit, lease))
+    }
+
+    fn complete<'a>(
+        pool: &'a PgPool,
+        owner: &'a str,
+        ids: &'a [JobId],
+    ) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(complete(pool, owner, ids))
+    }
+
+    fn reschedule<'a>(
+        pool: &'a PgPool,
+        owner: &'a str,
+        job: &'a Reschedule,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(reschedule(pool, owner, job))
+    }
+
+    fn release<'a>(pool: &'a PgPool, owner: &'a str) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(release(pool, owner))
+    }
+
+    fn status(pool: &PgPool) -> BoxFuture<'_, Result<Status, Error>> {
+        Box::pin(status(pool))
+    }
+
+    fn retry(pool: &PgPool, job: Option<JobId>) -> BoxFuture<'_, Result<u64, Error>> {
+        Box::pin(retry(pool, job))
+    }
+
+    fn wake_on_insert(
+        pool: &PgPool,
+        notify: Arc<tokio::sync::Notify>,
+    ) -> Option<BoxFuture<'static, ()>> {
+        Some(Box::pin(listen(pool.clone(), notify)))
     }
 }

@@ -3,7 +3,12 @@
 use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool};
 use time::OffsetDateTime;
 
-use super::{Backend, BoxFuture, Job, JobId, Migration, NewJob, pending};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{
+    Backend, BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending,
+};
 use crate::Error;
 
 pub(crate) static MIGRATIONS: &[Migration] = &[Migration {
@@ -108,6 +113,141 @@ async fn jobs(pool: &SqlitePool) -> Result<Vec<Job>, Error> {
         .collect()
 }
 
+fn now_ms() -> i64 {
+    to_millis(OffsetDateTime::now_utc())
+}
+
+async fn claim(
+    pool: &SqlitePool,
+    owner: &str,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<Claimed>, Error> {
+    let now = now_ms();
+    let until = now + lease.as_millis() as i64;
+    // One statement under SQLite's write lock: nobody else can claim the same rows.
+    let rows = sqlx::query(
+        "UPDATE journaled_jobs SET locked_by = ?1, locked_until = ?2, run_at = ?2 \
+         WHERE id IN (SELECT id FROM journaled_jobs \
+                      WHERE dead_at IS NULL AND run_at <= ?3 \
+                      ORDER BY priority, run_at, id LIMIT ?4) \
+         RETURNING id, priority, attempts, records, created_at",
+    )
+    .bind(owner)
+    .bind(until)
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let mut claimed = rows
+        .iter()
+        .map(|row| {
+            Ok(Claimed {
+                id: JobId(row.try_get("id")?),
+                priority: row.try_get("priority")?,
+                attempts: row.try_get("attempts")?,
+                records: row.try_get("records")?,
+                created_at: from_millis(row.try_get("created_at")?)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    claimed.sort_by_key(|c| (c.priority, c.id));
+    Ok(claimed)
+}
+
+async fn complete(pool: &SqlitePool, owner: &str, ids: &[JobId]) -> Result<u64, Error> {
+    let ids = serde_json::to_string(&ids.iter().map(|id| id.0).collect::<Vec<_>>())
+        .expect("ids serialize");
+    Ok(sqlx::query(
+        "DELETE FROM journaled_jobs WHERE id IN (SELECT value FROM json_each(?1)) AND locked_by = ?2",
+    )
+    .bind(ids)
+    .bind(owner)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<bool, Error> {
+    let now = now_ms();
+    let done = sqlx::query(
+        "UPDATE journaled_jobs SET records = coalesce(?3, records), event_count = coalesce(?4, event_count), attempts = ?5, run_at = ?6, \
+             last_error = ?7, dead_at = CASE WHEN ?8 THEN ?9 END, \
+             locked_by = NULL, locked_until = NULL \
+         WHERE id = ?1 AND locked_by = ?2",
+    )
+    .bind(job.id.0)
+    .bind(owner)
+    .bind(job.records.as_ref().map(|(records, _)| records.as_str()))
+    .bind(job.records.as_ref().map(|(_, count)| *count))
+    .bind(job.attempts)
+    .bind(to_millis(job.run_at))
+    .bind(&job.last_error)
+    .bind(job.dead)
+    .bind(now)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn release(pool: &SqlitePool, owner: &str) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "UPDATE journaled_jobs SET locked_by = NULL, locked_until = NULL, run_at = ?2 \
+         WHERE locked_by = ?1 AND dead_at IS NULL",
+    )
+    .bind(owner)
+    .bind(now_ms())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+async fn status(pool: &SqlitePool) -> Result<Status, Error> {
+    let now = now_ms();
+    let row = sqlx::query(
+        "SELECT \
+           count(*) FILTER (WHERE dead_at IS NULL) AS pending_jobs, \
+           coalesce(sum(event_count) FILTER (WHERE dead_at IS NULL), 0) AS pending_events, \
+           count(*) FILTER (WHERE dead_at IS NULL AND run_at <= ?1) AS due_jobs, \
+           count(*) FILTER (WHERE dead_at IS NULL AND locked_until > ?1) AS leased_jobs, \
+           count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
+           coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0) AS dead_events, \
+           min(created_at) FILTER (WHERE dead_at IS NULL) AS oldest \
+         FROM journaled_jobs",
+    )
+    .bind(now)
+    .fetch_one(pool)
+    .await?;
+    let oldest: Option<i64> = row.try_get("oldest")?;
+    Ok(Status {
+        pending_jobs: row.try_get("pending_jobs")?,
+        pending_events: row.try_get("pending_events")?,
+        due_jobs: row.try_get("due_jobs")?,
+        leased_jobs: row.try_get("leased_jobs")?,
+        dead_jobs: row.try_get("dead_jobs")?,
+        dead_events: row.try_get("dead_events")?,
+        oldest_pending_age_secs: oldest.map(|ms| (now - ms) as f64 / 1000.0),
+    })
+}
+
+async fn retry(pool: &SqlitePool, job: Option<JobId>) -> Result<u64, Error> {
+    let now = now_ms();
+    let query = match job {
+        Some(id) => sqlx::query(
+            "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, run_at = ?1, \
+                 locked_by = NULL, locked_until = NULL WHERE id = ?2",
+        )
+        .bind(now)
+        .bind(id.0),
+        None => sqlx::query(
+            "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, run_at = ?1, \
+                 locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
+        )
+        .bind(now),
+    };
+    Ok(query.execute(pool).await?.rows_affected())
+}
+
 impl Backend for Sqlite {
     fn insert_jobs<'c>(
         conn: &'c mut SqliteConnection,
@@ -122,5 +262,49 @@ impl Backend for Sqlite {
 
     fn jobs(pool: &SqlitePool) -> BoxFuture<'_, Result<Vec<Job>, Error>> {
         Box::pin(jobs(pool))
+    }
+
+    fn claim<'a>(
+        pool: &'a SqlitePool,
+        owner: &'a str,
+        limit: i64,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Claimed>, Error>> {
+        Box::pin(claim(pool, owner, limit, lease))
+    }
+
+    fn complete<'a>(
+        pool: &'a SqlitePool,
+        owner: &'a str,
+        ids: &'a [JobId],
+    ) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(complete(pool, owner, ids))
+    }
+
+    fn reschedule<'a>(
+        pool: &'a SqlitePool,
+        owner: &'a str,
+        job: &'a Reschedule,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(reschedule(pool, owner, job))
+    }
+
+    fn release<'a>(pool: &'a SqlitePool, owner: &'a str) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(release(pool, owner))
+    }
+
+    fn status(pool: &SqlitePool) -> BoxFuture<'_, Result<Status, Error>> {
+        Box::pin(status(pool))
+    }
+
+    fn retry(pool: &SqlitePool, job: Option<JobId>) -> BoxFuture<'_, Result<u64, Error>> {
+        Box::pin(retry(pool, job))
+    }
+
+    fn wake_on_insert(
+        _pool: &SqlitePool,
+        _notify: Arc<tokio::sync::Notify>,
+    ) -> Option<BoxFuture<'static, ()>> {
+        None
     }
 }

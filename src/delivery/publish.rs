@@ -1,0 +1,316 @@
+//! One claimed batch: decode, publish in `PutRecords` requests, decide what becomes of each job.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::WorkerConfig;
+use crate::kinesis::{ErrorClass, Failure, OutRecord, Sink};
+use crate::store::{BoxFuture, Claimed, Reschedule, StoredRecord, decode_records, encode_stored};
+
+/// (job index, record index) within a batch.
+pub(crate) type Slot = (usize, usize);
+
+/// A claimed job with its decoded records and what became of each.
+pub(crate) struct JobState {
+    pub claimed: Claimed,
+    pub records: Result<Vec<StoredRecord>, String>,
+    pub outcomes: Vec<Option<Failure>>,
+}
+
+impl JobState {
+    pub fn decode(claimed: Claimed) -> Self {
+        let records = decode_records(&claimed.records);
+        let outcomes = match &records {
+            Ok(records) => vec![None; records.len()],
+            Err(_) => Vec::new(),
+        };
+        JobState {
+            claimed,
+            records,
+            outcomes,
+        }
+    }
+}
+
+/// Groups every record by stream and cuts each stream's records into requests of at most
+/// `max_records` records and `max_bytes` bytes (data plus partition key).
+pub(crate) fn chunk(
+    jobs: &[JobState],
+    max_records: usize,
+    max_bytes: usize,
+) -> Vec<(&str, Vec<Slot>)> {
+    let mut by_stream: BTreeMap<&str, Vec<Slot>> = BTreeMap::new();
+    for (j, job) in jobs.iter().enumerate() {
+        if let Ok(records) = &job.records {
+            for (r, record) in records.iter().enumerate() {
+                by_stream
+                    .entry(record.stream.as_str())
+                    .or_default()
+                    .push((j, r));
+            }
+        }
+    }
+    let mut requests = Vec::new();
+    for (stream, slots) in by_stream {
+        let mut current: Vec<Slot> = Vec::new();
+        let mut bytes = 0;
+        for (j, r) in slots {
+            let record = &jobs[j].records.as_ref().expect("decoded")[r];
+            let size = record.data().len() + record.partition_key.len();
+            if !current.is_empty() && (current.len() == max_records || bytes + size > max_bytes) {
+                requests.push((stream, std::mem::take(&mut current)));
+                bytes = 0;
+            }
+            current.push((j, r));
+            bytes += size;
+        }
+        if !current.is_empty() {
+            requests.push((stream, current));
+        }
+    }
+    requests
+}
+
+/// Sends one request; when it is refused as invalid, splits it in halves until the record at
+/// fault stands alone, which is then permanent. The other records are delivered.
+pub(crate) fn send<'a>(
+    sink: &'a dyn Sink,
+    stream: &'a str,
+    mut slots: Vec<Slot>,
+    jobs: &'a [JobState],
+) -> BoxFuture<'a, Vec<(Slot, Option<Failure>)>> {
+    Box::pin(async move {
+        let out: Vec<OutRecord<'_>> = slots
+            .iter()
+            .map(|&(j, r)| {
+                let record = &jobs[j].records.as_ref().expect("decoded")[r];
+                OutRecord {
+                    partition_key: &record.partition_key,
+                    data: record.data(),
+                }
+            })
+            .collect();
+        match sink.put_records(stream, &out).await {
+            Ok(results) => slots.into_iter().zip(results).collect(),
+            Err(failure) if failure.class == ErrorClass::Invalid && slots.len() > 1 => {
+                tracing::debug!(stream, records = slots.len(), code = %failure.code, "request refused as invalid; splitting it");
+                let right = slots.split_off(slots.len() / 2);
+                let (mut a, b) = futures_util::future::join(
+                    send(sink, stream, slots, jobs),
+                    send(sink, stream, right, jobs),
+                )
+                .await;
+                a.extend(b);
+                a
+            }
+            Err(failure) if failure.class == ErrorClass::Invalid => {
+                let failure = Failure {
+                    class: ErrorClass::Permanent,
+                    ..failure
+                };
+                slots
+                    .into_iter()
+                    .map(|s| (s, Some(failure.clone())))
+                    .collect()
+            }
+            Err(failure) => slots
+                .into_iter()
+                .map(|s| (s, Some(failure.clone())))
+                .collect(),
+        }
+    })
+}
+
+/// Exponential backoff with jitter: uniform in [d/2, d], d = min(max, base · 2^(attempts−1)).
+pub(crate) fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
+    let exponent = attempts.clamp(1, 32) as u32 - 1;
+    let full = base.saturating_mul(2u32.saturating_pow(exponent)).min(max);
+    full.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+/// What becomes of a job some of whose records failed.
+pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig, now: OffsetDateTime) -> Reschedule {
+    let attempts = job.claimed.attempts.saturating_add(1);
+    let (remaining, failures): (Vec<&StoredRecord>, Vec<(&StoredRecord, &Failure)>) =
+        match &job.records {
+            Ok(records) => {
+                let failed: Vec<(&StoredRecord, &Failure)> = records
+                    .iter()
+                    .zip(&job.outcomes)
+                    .filter_map(|(record, outcome)| outcome.as_ref().map(|f| (record, f)))
+                    .collect();
+                (failed.iter().map(|(r, _)| *r).collect(), failed)
+            }
+            Err(message) => {
+                return Reschedule {
+                    id: job.claimed.id,
+                    records: None,
+                    attempts,
+                    run_at: now,
+                    last_error: format!("corrupt job: {message}"),
+                    dead: true,
+                };
+            }
+        };
+    let worst = |class: ErrorClass| failures.iter().find(|(_, f)| f.class == class);
+    let (dead, delay, (record, failure)) = if let Some(found) = worst(ErrorClass::Permanent) {
+        (true, Duration::ZERO, *found)
+    } else if let Some(found) = worst(ErrorClass::Configuration) {
+        let delay = config
+            .configuration_backoff
+            .mul_f64(0.75 + fastrand::f64() * 0.5);
+        (false, delay, *found)
+    } else if let Some(found) = worst(ErrorClass::Transient) {
+        (
+            attempts >= config.max_attempts,
+            backoff(attempts, config.backoff_base, config.backoff_max),
+            *found,
+        )
+    } else {
+        let (record, failure) = failures[0];
+        (
+            false,
+            backoff(attempts, config.backoff_base, config.backoff_max),
+            (record, failure),
+        )
+    };
+    let last_error = format!(
+        "{} of {} records failed; event {} on stream {}: {failure}",
+        failures.len(),
+        job.outcomes.len(),
+        record.id,
+        record.stream
+    );
+    Reschedule {
+        id: job.claimed.id,
+        records: Some((
+            encode_stored(remaining.iter().copied()),
+            remaining.len() as i32,
+        )),
+        attempts,
+        run_at: now + delay,
+        last_error,
+        dead,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventId;
+    use crate::store::{JobId, encode_parts};
+
+    fn job(attempts: i32, records: &[(&str, usize)]) -> JobState {
+        let data: Vec<String> = records
+            .iter()
+            .map(|(_, n)| format!("\"{}\"", "x".repeat(*n)))
+            .collect();
+        let ids: Vec<EventId> = records.iter().map(|_| EventId::new()).collect();
+        let encoded = encode_parts(
+            records
+                .iter()
+                .zip(&data)
+                .zip(&ids)
+                .map(|(((stream, _), data), id)| (*id, *stream, "k", data.as_str())),
+        );
+        JobState::decode(Claimed {
+            id: JobId(1),
+            priority: 20,
+            attempts,
+            records: encoded,
+            created_at: OffsetDateTime::now_utc(),
+        })
+    }
+
+    #[test]
+    fn requests_respect_count_and_byte_limits_per_stream() {
+        let jobs = vec![
+            job(0, &[("a", 10), ("b", 10), ("a", 10)]),
+            job(0, &[("a", 10), ("a", 10), ("a", 10)]),
+        ];
+        let requests = chunk(&jobs, 2, 1_000_000);
+        let shape: Vec<(&str, usize)> = requests
+            .iter()
+            .map(|(s, slots)| (*s, slots.len()))
+            .collect();
+        assert_eq!(shape, [("a", 2), ("a", 2), ("a", 1), ("b", 1)]);
+        // 10 data bytes + 2 quotes + 1 key byte = 13 bytes each: two fit in 26, not three.
+        let requests = chunk(&jobs, 500, 26);
+        assert!(requests.iter().all(|(_, slots)| slots.len() <= 2));
+        assert_eq!(requests.iter().map(|(_, s)| s.len()).sum::<usize>(), 6);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped_with_jitter() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(600);
+        for attempts in 1..40 {
+            let d = backoff(attempts, base, max);
+            let full = base
+                .saturating_mul(2u32.saturating_pow(attempts as u32 - 1))
+                .min(max);
+            assert!(d >= full / 2 && d <= full, "{attempts}: {d:?}");
+        }
+    }
+
+    fn failure(class: ErrorClass) -> Option<Failure> {
+        Some(Failure {
+            class,
+            code: format!("{class:?}"),
+            message: "m".into(),
+        })
+    }
+
+    #[test]
+    fn only_transient_failures_exhaust_attempts() {
+        let config = WorkerConfig {
+            max_attempts: 3,
+            ..WorkerConfig::default()
+        };
+        let now = OffsetDateTime::now_utc();
+        for (class, dead) in [
+            (ErrorClass::Transient, true),
+            (ErrorClass::Throttled, false),
+            (ErrorClass::Configuration, false),
+            (ErrorClass::Permanent, true),
+        ] {
+            let mut state = job(2, &[("a", 1), ("a", 1)]);
+            state.outcomes[1] = failure(class);
+            let r = reschedule(&state, &config, now);
+            assert_eq!(r.dead, dead, "{class:?}");
+            assert_eq!(r.attempts, 3);
+            let (records, count) = r.records.unwrap();
+            assert_eq!(count, 1, "only the failed record is kept");
+            assert_eq!(
+                decode_records(&records).unwrap()[0].id,
+                state.records.as_ref().unwrap()[1].id
+            );
+            assert!(
+                r.last_error.contains("1 of 2 records failed"),
+                "{}",
+                r.last_error
+            );
+        }
+        let mut early = job(0, &[("a", 1)]);
+        early.outcomes[0] = failure(ErrorClass::Transient);
+        assert!(!reschedule(&early, &config, now).dead);
+    }
+
+    #[test]
+    fn corrupt_jobs_are_dead_with_the_reason() {
+        let state = JobState::decode(Claimed {
+            id: JobId(9),
+            priority: 20,
+            attempts: 0,
+            records: "[{\"id\":".into(),
+            created_at: OffsetDateTime::now_utc(),
+        });
+        let r = reschedule(&state, &WorkerConfig::default(), OffsetDateTime::now_utc());
+        assert!(
+            r.dead && r.records.is_none() && r.last_error.contains("corrupt"),
+            "{r:?}"
+        );
+    }
+}
