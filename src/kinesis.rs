@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
-use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::Client;
@@ -169,6 +168,8 @@ pub struct KinesisConfig {
     pub read_timeout: Duration,
     /// Attempts the SDK makes for one request before the worker's own backoff takes over (default 2).
     pub sdk_max_attempts: u32,
+    /// Fixed (access key id, secret) instead of the credential chain: for local emulators.
+    pub static_credentials: Option<(String, String)>,
 }
 
 impl Default for KinesisConfig {
@@ -181,6 +182,7 @@ impl Default for KinesisConfig {
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(60),
             sdk_max_attempts: 2,
+            static_credentials: None,
         }
     }
 }
@@ -215,19 +217,29 @@ impl KinesisConfig {
             .operation_attempt_timeout(attempt)
             .operation_timeout(attempt * self.sdk_max_attempts.max(1) + Duration::from_secs(5))
             .build();
-        let region =
-            RegionProviderChain::first_try(self.region.clone().map(aws_config::Region::new))
-                .or_default_provider()
-                .or_else("us-east-1");
         let loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(region)
             .http_client(http)
             .timeout_config(timeouts)
             .retry_config(RetryConfig::standard().with_max_attempts(self.sdk_max_attempts.max(1)));
+        // An explicit region wins; else the loader's chain (env, profile, IMDS) with our HTTP
+        // client; else us-east-1, as the reference does.
+        let loader = match &self.region {
+            Some(region) => loader.region(aws_config::Region::new(region.clone())),
+            None => loader,
+        };
+        let loader = match &self.static_credentials {
+            Some((key, secret)) => loader.credentials_provider(
+                aws_sdk_kinesis::config::Credentials::new(key, secret, None, None, "static"),
+            ),
+            None => loader,
+        };
         let mut sdk = loader.load().await;
         // Endpoints from the environment belong to Kinesis only (below), never to STS.
         let mut builder = sdk.to_builder();
         builder.set_endpoint_url(None);
+        if sdk.region().is_none() {
+            builder.set_region(Some(aws_config::Region::from_static("us-east-1")));
+        }
         sdk = builder.build();
         if let Some(arn) = &self.role_arn {
             let provider = aws_config::sts::AssumeRoleProvider::builder(arn.clone())

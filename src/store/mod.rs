@@ -339,6 +339,17 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> Option<BoxFuture<'static, ()>>;
 }
 
+/// The queue's figures (what `journaled status` prints).
+pub async fn status<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<Status, Error> {
+    DB::status(pool).await
+}
+
+/// Makes one job (dead or not), or every dead job, due now with its attempts reset; returns
+/// how many jobs changed.
+pub async fn retry<DB: Backend>(pool: &sqlx::Pool<DB>, job: Option<JobId>) -> Result<u64, Error> {
+    DB::retry(pool, job).await
+}
+
 /// Runs journaled's migrations on `pool`. Tracked in journaled's own table, so the
 /// application's own migrator never sees them; safe to run concurrently and repeatedly.
 pub async fn migrate<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<(), Error> {

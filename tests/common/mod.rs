@@ -187,6 +187,8 @@ pub trait AppSql: Backend {
         conn: &'c mut Self::Connection,
         sql: &'static str,
     ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+    /// Inserts a job whose records cannot be decoded.
+    const CORRUPT_JOB: &'static str;
     /// Runs a `SELECT COUNT(*) ...` on the pool.
     fn count<'c>(pool: &'c sqlx::Pool<Self>, sql: &'static str) -> BoxFuture<'c, i64>;
 }
@@ -194,8 +196,9 @@ pub trait AppSql: Backend {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 macro_rules! app_sql {
-    ($db:ty, $pool:ty) => {
+    ($db:ty, $pool:ty, $corrupt:expr) => {
         impl AppSql for $db {
+            const CORRUPT_JOB: &'static str = $corrupt;
             fn try_exec<'c>(
                 conn: &'c mut Self::Connection,
                 sql: &'static str,
@@ -208,5 +211,15 @@ macro_rules! app_sql {
         }
     };
 }
-app_sql!(Postgres, PgPool);
-app_sql!(Sqlite, SqlitePool);
+app_sql!(
+    Postgres,
+    PgPool,
+    "INSERT INTO journaled.jobs (event_count, records) VALUES (1, '[{\"id\": not json')"
+);
+app_sql!(
+    Sqlite,
+    SqlitePool,
+    "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')"
+);
+
+pub mod kinesis;

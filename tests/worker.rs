@@ -1,0 +1,560 @@
+//! The delivery worker against a real PostgreSQL (and SQLite) and a real Kinesis emulator,
+//! reading every record back from the stream.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::kinesis::{Emulator, FaultProxy, Kind, kinesis_config};
+use common::{AppSql, TestDb};
+use journaled::kinesis::KinesisSink;
+use journaled::{Backend, Journaled, Worker, WorkerConfig, WorkerStats, journal};
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+#[derive(Serialize, journaled::Event)]
+struct TestEvent {
+    name: String,
+    count: i64,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", stream = "other_stream")]
+struct OtherStream {
+    n: i64,
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", priority_with = priority_of)]
+struct Prioritized {
+    priority: i32,
+    seq: i64,
+}
+
+fn priority_of(event: &Prioritized) -> i32 {
+    event.priority
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Blob {
+    blob: String,
+}
+
+fn test_config() -> WorkerConfig {
+    WorkerConfig {
+        poll_interval: Duration::from_millis(50),
+        lease: Duration::from_secs(10),
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(300),
+        configuration_backoff: Duration::from_millis(200),
+        shutdown_timeout: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    }
+}
+
+/// A worker running in the background until stopped.
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), journaled::Error>>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Running {
+    async fn stop(mut self) -> Arc<WorkerStats> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), &mut self.handle)
+            .await
+            .expect("the worker stops")
+            .unwrap()
+            .unwrap();
+        self.stats.clone()
+    }
+}
+
+async fn spawn_worker<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    endpoint: &str,
+    config: WorkerConfig,
+) -> Running {
+    let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
+    let worker = Worker::new(pool.clone(), sink, config).unwrap();
+    let stats = worker.stats();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = rx.await;
+    }));
+    Running {
+        stop: Some(tx),
+        handle,
+        stats,
+    }
+}
+
+/// Runs a worker until no job is left (retries included), then stops it.
+async fn deliver_all<DB: Backend>(
+    journaled: &Journaled<DB>,
+    endpoint: &str,
+    config: WorkerConfig,
+) -> Arc<WorkerStats> {
+    let worker = spawn_worker(journaled.pool(), endpoint, config).await;
+    wait_until(90, "every job is delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
+    })
+    .await;
+    worker.stop().await
+}
+
+async fn drain<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    endpoint: &str,
+    config: WorkerConfig,
+) -> Arc<WorkerStats> {
+    let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
+    let worker = Worker::new(
+        pool.clone(),
+        sink,
+        WorkerConfig {
+            drain: true,
+            ..config
+        },
+    )
+    .unwrap();
+    let stats = worker.stats();
+    tokio::time::timeout(Duration::from_secs(120), worker.run(std::future::pending()))
+        .await
+        .expect("the worker drains in time")
+        .unwrap();
+    stats
+}
+
+/// Waits until `check` holds, or fails after `secs`.
+async fn wait_until<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every stored record's exact bytes, by event id.
+async fn stored<DB: Backend>(journaled: &Journaled<DB>) -> HashMap<String, Vec<u8>> {
+    let mut out = HashMap::new();
+    for job in journaled.jobs().await.unwrap() {
+        for record in job.records().unwrap() {
+            out.insert(record.id.to_string(), record.data().to_vec());
+        }
+    }
+    out
+}
+
+/// (event id, bytes) of every record in a stream, duplicates included.
+async fn delivered(emulator: &Emulator, stream: &str) -> Vec<(String, Vec<u8>)> {
+    emulator
+        .read(stream)
+        .await
+        .into_iter()
+        .map(|r| {
+            let value: Value = serde_json::from_slice(&r.data).expect("records are JSON");
+            (value["id"].as_str().unwrap().to_owned(), r.data)
+        })
+        .collect()
+}
+
+/// Journals `transactions` committed transactions of `per_tx` events each.
+async fn commit_events<DB: Backend>(journaled: &Journaled<DB>, transactions: usize, per_tx: usize) {
+    for t in 0..transactions {
+        let mut tx = journaled.begin().await.unwrap();
+        for e in 0..per_tx {
+            journal!(
+                tx,
+                TestEvent {
+                    name: format!("t{t}-e{e}"),
+                    count: e as i64
+                }
+            )
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+}
+
+fn assert_exactly_delivered(expected: &HashMap<String, Vec<u8>>, got: &[(String, Vec<u8>)]) {
+    let ids: HashSet<&String> = got.iter().map(|(id, _)| id).collect();
+    let missing: Vec<&String> = expected.keys().filter(|id| !ids.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} committed events never arrived: {missing:?}",
+        missing.len()
+    );
+    for (id, bytes) in got {
+        let want = expected
+            .get(id)
+            .unwrap_or_else(|| panic!("event {id} was never committed"));
+        assert_eq!(
+            bytes, want,
+            "event {id} arrived with other bytes than stored"
+        );
+    }
+}
+
+/// Invariant 1 and 3: every committed event arrives with exactly its stored bytes; rolled-back
+/// events never do; delivered jobs are deleted. kinesis-mock: the most faithful API.
+async fn committed_events_arrive_with_their_stored_bytes<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::KinesisMock).await;
+    emulator.create_stream("test_stream", 2).await;
+    emulator.create_stream("other_stream", 1).await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 3, 4).await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, OtherStream { n: 1 }).unwrap();
+    journal!(
+        tx,
+        TestEvent {
+            name: "beside other".into(),
+            count: 1
+        }
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    let rolled_back = journal!(
+        tx,
+        TestEvent {
+            name: "rolled back".into(),
+            count: 1
+        }
+    )
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let expected = stored(&journaled).await;
+    assert_eq!(expected.len(), 14);
+
+    let stats = drain(&db.pool, &emulator.endpoint(), test_config()).await;
+    let mut got = delivered(&emulator, "test_stream").await;
+    let other = delivered(&emulator, "other_stream").await;
+    assert_eq!(other.len(), 1);
+    got.extend(other);
+    assert_exactly_delivered(&expected, &got);
+    assert!(got.iter().all(|(id, _)| *id != rolled_back.to_string()));
+    assert!(
+        journaled.jobs().await.unwrap().is_empty(),
+        "delivered jobs are deleted"
+    );
+    assert_eq!(stats.delivered_events.load(Ordering::Relaxed), 14);
+    assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 0);
+}
+
+/// When the worker is behind, lower priority values go first.
+async fn priority_order_is_respected_when_behind<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let journaled = db.migrated().await;
+    for (seq, priority) in [30, 30, 20, 10, 30, 10, 20].into_iter().enumerate() {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(
+            tx,
+            Prioritized {
+                priority,
+                seq: seq as i64
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let config = WorkerConfig {
+        batch_size: 1,
+        concurrency: 1,
+        ..test_config()
+    };
+    drain(&db.pool, &emulator.endpoint(), config).await;
+    let order: Vec<(i64, i64)> = emulator
+        .read("test_stream")
+        .await
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.data).unwrap();
+            (v["priority"].as_i64().unwrap(), v["seq"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (10, 3),
+            (10, 5),
+            (20, 2),
+            (20, 6),
+            (30, 0),
+            (30, 1),
+            (30, 4)
+        ]
+    );
+}
+
+/// Two workers on one table deliver everything, each job once.
+async fn two_workers_share_one_table<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 2).await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 120, 3).await;
+    let expected = stored(&journaled).await;
+    let config = WorkerConfig {
+        batch_size: 5,
+        concurrency: 2,
+        ..test_config()
+    };
+    let endpoint = emulator.endpoint();
+    let (a, b) = tokio::join!(
+        drain(&db.pool, &endpoint, config.clone()),
+        drain(&db.pool, &endpoint, config)
+    );
+    let got = delivered(&emulator, "test_stream").await;
+    assert_exactly_delivered(&expected, &got);
+    assert_eq!(got.len(), expected.len(), "no duplicates without faults");
+    let jobs = a.completed_jobs.load(Ordering::Relaxed) + b.completed_jobs.load(Ordering::Relaxed);
+    assert_eq!(jobs, 120);
+    assert!(journaled.jobs().await.unwrap().is_empty());
+}
+
+/// Throttled records in partly failed responses are retried alone; nothing dies.
+async fn throttled_records_are_retried<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    proxy.faults.throttle_every.store(3, Ordering::SeqCst);
+    proxy.faults.throttle_requests.store(4, Ordering::SeqCst);
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 10, 5).await;
+    let expected = stored(&journaled).await;
+    let stats = deliver_all(&journaled, &proxy.endpoint(), test_config()).await;
+    let got = delivered(&emulator, "test_stream").await;
+    assert_exactly_delivered(&expected, &got);
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "only the throttled records were sent again"
+    );
+    assert!(proxy.faults.throttled_records.load(Ordering::SeqCst) > 0);
+    assert!(stats.failed_records.load(Ordering::Relaxed) > 0);
+    assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 0);
+    assert!(journaled.jobs().await.unwrap().is_empty());
+}
+
+/// 500s, responses slower than the read timeout, and connection resets: all retried.
+async fn server_errors_slow_responses_and_resets_are_retried<DB: Backend + AppSql>(
+    db: &TestDb<DB>,
+) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    proxy.faults.fail_500.store(2, Ordering::SeqCst);
+    proxy.faults.reset.store(2, Ordering::SeqCst);
+    *proxy.faults.slow_for.lock().unwrap() = Duration::from_secs(4); // read timeout: 2 s
+    proxy.faults.slow.store(2, Ordering::SeqCst);
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 6, 3).await;
+    let expected = stored(&journaled).await;
+    let stats = deliver_all(&journaled, &proxy.endpoint(), test_config()).await;
+    let got = delivered(&emulator, "test_stream").await;
+    assert_exactly_delivered(&expected, &got);
+    let f = &proxy.faults;
+    assert_eq!(
+        (
+            f.injected_500.load(Ordering::SeqCst),
+            f.injected_resets.load(Ordering::SeqCst),
+            f.injected_slow.load(Ordering::SeqCst)
+        ),
+        (2, 2, 2)
+    );
+    assert!(stats.failed_records.load(Ordering::Relaxed) > 0);
+    assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 0);
+    assert!(journaled.jobs().await.unwrap().is_empty());
+}
+
+/// The emulator unreachable for a while: the worker keeps retrying and delivers once it is back.
+async fn an_unreachable_kinesis_delays_but_loses_nothing<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    proxy.faults.down.store(true, Ordering::SeqCst);
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 5, 2).await;
+    let expected = stored(&journaled).await;
+    let worker = spawn_worker(&db.pool, &proxy.endpoint(), test_config()).await;
+    let stats = worker.stats.clone();
+    wait_until(30, "deliveries have failed a few times", || {
+        let stats = stats.clone();
+        async move { stats.retried_jobs.load(Ordering::Relaxed) >= 10 }
+    })
+    .await;
+    assert!(proxy.faults.refused_while_down.load(Ordering::SeqCst) > 0);
+    proxy.faults.down.store(false, Ordering::SeqCst);
+    wait_until(60, "every job is delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
+    })
+    .await;
+    let stats = worker.stop().await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+    assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 0);
+}
+
+/// A record Kinesis refuses makes its job dead with the reason; the rest keep flowing; retry
+/// revives it. (The journaled side allows 2 MiB records, as if the stream's limit were raised,
+/// but the emulator keeps 1 MiB.)
+async fn a_rejected_record_kills_only_its_job<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    db.migrated().await;
+    let journaled = db.journaled(common::test_config().with_max_record_size(2 * 1024 * 1024));
+    commit_events(&journaled, 3, 2).await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(
+        tx,
+        TestEvent {
+            name: "beside the big one".into(),
+            count: 1
+        }
+    )
+    .unwrap();
+    let big = journal!(
+        tx,
+        Blob {
+            blob: "x".repeat(1024 * 1024 + 10)
+        }
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+    commit_events(&journaled, 3, 2).await;
+    let mut expected = stored(&journaled).await;
+    expected.remove(&big.to_string());
+
+    let stats = drain(&db.pool, &emulator.endpoint(), test_config()).await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(
+        jobs.len(),
+        1,
+        "only the job with the refused record is left"
+    );
+    let dead = &jobs[0];
+    assert!(dead.dead_at.is_some());
+    assert_eq!(dead.event_count, 1, "it keeps only the undelivered record");
+    assert_eq!(dead.records().unwrap()[0].id, big);
+    let error = dead.last_error.as_deref().unwrap();
+    assert!(
+        error.contains("ValidationException") && error.contains(&big.to_string()),
+        "{error}"
+    );
+    assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 1);
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    assert_eq!(
+        (status.dead_jobs, status.dead_events, status.pending_jobs),
+        (1, 1, 0)
+    );
+
+    assert_eq!(journaled::store::retry(&db.pool, None).await.unwrap(), 1);
+    let revived = &journaled.jobs().await.unwrap()[0];
+    assert!(revived.dead_at.is_none() && revived.attempts == 0);
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    assert_eq!(
+        (status.dead_jobs, status.pending_jobs, status.due_jobs),
+        (0, 1, 1)
+    );
+}
+
+/// A job row that cannot be decoded is dead with the reason; the others flow on.
+async fn a_corrupt_job_is_dead_and_the_rest_flow<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 2, 2).await;
+    let expected = stored(&journaled).await;
+    DB::exec(&mut *db.pool.acquire().await.unwrap(), DB::CORRUPT_JOB).await;
+    commit_events(&journaled, 2, 2).await;
+    let expected: HashMap<String, Vec<u8>> = expected
+        .into_iter()
+        .chain(stored_valid(&journaled).await)
+        .collect();
+    drain(&db.pool, &emulator.endpoint(), test_config()).await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert!(jobs[0].dead_at.is_some());
+    assert!(
+        jobs[0].last_error.as_deref().unwrap().contains("corrupt"),
+        "{:?}",
+        jobs[0].last_error
+    );
+}
+
+async fn stored_valid<DB: Backend>(journaled: &Journaled<DB>) -> HashMap<String, Vec<u8>> {
+    let mut out = HashMap::new();
+    for job in journaled.jobs().await.unwrap() {
+        if let Ok(records) = job.records() {
+            for record in records {
+                out.insert(record.id.to_string(), record.data().to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// A stream that does not exist is a configuration error: retried, never dead, and delivered
+/// once the stream is there.
+async fn a_missing_stream_is_retried_until_it_exists<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 2, 2).await;
+    let expected = stored(&journaled).await;
+    let config = WorkerConfig {
+        max_attempts: 2,
+        ..test_config()
+    };
+    let worker = spawn_worker(&db.pool, &emulator.endpoint(), config).await;
+    let stats = worker.stats.clone();
+    wait_until(30, "several failed attempts", || {
+        let stats = stats.clone();
+        async move { stats.retried_jobs.load(Ordering::Relaxed) >= 6 }
+    })
+    .await;
+    let jobs = journaled.jobs().await.unwrap();
+    assert!(
+        jobs.iter().all(|j| j.dead_at.is_none()),
+        "configuration errors never kill jobs"
+    );
+    assert!(jobs.iter().any(|j| {
+        j.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("ResourceNotFoundException")
+    }));
+    emulator.create_stream("test_stream", 1).await;
+    wait_until(30, "every job is delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
+    })
+    .await;
+    worker.stop().await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+}
+
+on_both_backends!(
+    committed_events_arrive_with_their_stored_bytes,
+    priority_order_is_respected_when_behind,
+    two_workers_share_one_table,
+    throttled_records_are_retried,
+    server_errors_slow_responses_and_resets_are_retried,
+    an_unreachable_kinesis_delays_but_loses_nothing,
+    a_rejected_record_kills_only_its_job,
+    a_corrupt_job_is_dead_and_the_rest_flow,
+    a_missing_stream_is_retried_until_it_exists,
+);
