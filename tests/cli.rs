@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-fn journaled() -> Command {
+fn cli() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_journaled"));
     cmd.env_remove("DATABASE_URL")
         .env_remove("JOURNALED_SCHEMA_PATH")
@@ -14,7 +14,7 @@ fn journaled() -> Command {
 
 #[test]
 fn schemas_check_reports_each_broken_file() {
-    let out = journaled()
+    let out = cli()
         .args(["schemas", "check", "--path"])
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/broken_schemas"))
         .output()
@@ -34,7 +34,7 @@ fn schemas_check_reports_each_broken_file() {
     );
     assert!(stdout.contains("2 broken"), "{stdout}");
 
-    let out = journaled()
+    let out = cli()
         .args(["schemas", "check"])
         .env(
             "JOURNALED_SCHEMA_PATH",
@@ -55,7 +55,7 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
     let sqlite = common::TestDb::<sqlx::Sqlite>::new().await;
     for url in [pg.url(), sqlite.url()] {
         for _ in 0..2 {
-            let out = journaled()
+            let out = cli()
                 .arg("migrate")
                 .env("DATABASE_URL", &url)
                 .output()
@@ -77,7 +77,7 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
 
 #[test]
 fn bad_database_urls_exit_with_one_clear_line() {
-    let out = journaled()
+    let out = cli()
         .arg("migrate")
         .env("DATABASE_URL", "mysql://u:pw@h/db")
         .output()
@@ -90,7 +90,7 @@ fn bad_database_urls_exit_with_one_clear_line() {
         "{stderr}"
     );
 
-    let out = journaled()
+    let out = cli()
         .arg("migrate")
         .env("DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/none")
         .output()
@@ -101,4 +101,262 @@ fn bad_database_urls_exit_with_one_clear_line() {
         stderr.contains("cannot connect") && !stderr.contains("hunter2"),
         "{stderr}"
     );
+}
+
+mod worker_binary {
+    use super::*;
+    use crate::common::TestDb;
+    use crate::common::kinesis::{Emulator, FaultProxy, Kind};
+    use journaled::{Journaled, journal};
+    use std::process::{Child, Stdio};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    #[derive(serde::Serialize, journaled::Event)]
+    struct TestEvent {
+        name: String,
+        count: i64,
+    }
+
+    fn worker(db_url: &str, endpoint: &str) -> Command {
+        let mut cmd = cli();
+        cmd.arg("worker")
+            .env("DATABASE_URL", db_url)
+            .env("JOURNALED_STREAM_NAME", "test_stream")
+            .env("AWS_ENDPOINT_URL_KINESIS", endpoint)
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("AWS_PROFILE")
+            .env("JOURNALED_WORKER_POLL_INTERVAL_MS", "50")
+            .env("JOURNALED_WORKER_BACKOFF_BASE_MS", "20")
+            .env("JOURNALED_WORKER_BACKOFF_MAX_SECS", "0.3");
+        cmd
+    }
+
+    async fn commit(journaled: &Journaled<sqlx::Postgres>, n: usize) {
+        for i in 0..n {
+            let mut tx = journaled.begin().await.unwrap();
+            journal!(
+                tx,
+                TestEvent {
+                    name: format!("e{i}"),
+                    count: 1
+                }
+            )
+            .unwrap();
+            journal!(
+                tx,
+                TestEvent {
+                    name: format!("f{i}"),
+                    count: 2
+                }
+            )
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+    }
+
+    async fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_until_empty(journaled: &Journaled<sqlx::Postgres>, secs: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while !journaled.jobs().await.unwrap().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "jobs were not delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drain_status_tail_and_sigterm() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        emulator.create_stream("test_stream", 1).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 5).await;
+
+        let out = cli()
+            .args(["status", "--json"])
+            .env("DATABASE_URL", db.url())
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (
+                status["pending_jobs"].as_i64(),
+                status["pending_events"].as_i64()
+            ),
+            (Some(5), Some(10))
+        );
+        assert_eq!(status["due_jobs"].as_i64(), Some(5));
+
+        let out = worker(&db.url(), &emulator.endpoint())
+            .arg("--drain")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(emulator.read("test_stream").await.len(), 10);
+
+        let out = cli()
+            .arg("status")
+            .env("DATABASE_URL", db.url())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("pending: 0 jobs, 0 events")
+                && text.contains("oldest pending event: none"),
+            "{text}"
+        );
+
+        let out = cli()
+            .args(["tail", "--stream", "test_stream"])
+            .env("AWS_ENDPOINT_URL_KINESIS", emulator.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 10);
+        assert_eq!(lines[0]["data"]["event_type"], "test_event");
+        assert!(lines[0]["sequence_number"].is_string());
+
+        // A running worker stops cleanly on SIGTERM.
+        let mut child = worker(&db.url(), &emulator.endpoint())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        commit(&journaled, 2).await;
+        wait_until_empty(&journaled, 30).await;
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = wait_exit(&mut child, 30).await;
+        assert_eq!(status.code(), Some(0));
+        assert_eq!(emulator.read("test_stream").await.len(), 14);
+
+        let out = cli()
+            .args(["retry", "424242"])
+            .env("DATABASE_URL", db.url())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no job 424242"));
+        let out = cli()
+            .args(["retry", "--all-dead"])
+            .env("DATABASE_URL", db.url())
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("0 dead jobs"));
+    }
+
+    /// Invariant 5: a worker killed (SIGKILL) mid-delivery loses nothing; its lease expires and
+    /// another worker delivers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_worker_loses_nothing() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        emulator.create_stream("test_stream", 1).await;
+        let proxy = FaultProxy::start(emulator.port).await;
+        *proxy.faults.slow_for.lock().unwrap() = Duration::from_secs(120);
+        proxy.faults.slow.store(1000, Ordering::SeqCst);
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 4).await;
+
+        let mut doomed = worker(&db.url(), &proxy.endpoint())
+            .env("JOURNALED_WORKER_LEASE_SECS", "2")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while proxy.faults.injected_slow.load(Ordering::SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker never started publishing"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let leased = journaled::store::status(&db.pool)
+            .await
+            .unwrap()
+            .leased_jobs;
+        assert!(leased > 0, "the worker holds leases while publishing");
+        doomed.kill().unwrap(); // SIGKILL, mid-request
+        doomed.wait().unwrap();
+
+        let mut rescuer = worker(&db.url(), &emulator.endpoint())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until_empty(&journaled, 60).await;
+        rescuer.kill().unwrap();
+        rescuer.wait().unwrap();
+        let ids: std::collections::HashSet<String> = emulator
+            .read("test_stream")
+            .await
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<serde_json::Value>(&r.data).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(ids.len(), 8);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_worker_settings_exit_with_one_clear_line() {
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let cases: [(&str, &str, &str); 4] = [
+            ("JOURNALED_WORKER_BATCH_SIZE", "lots", "batch-size"),
+            ("JOURNALED_WORKER_LEASE_SECS", "-3", "lease-secs"),
+            ("JOURNALED_STREAM_NAME", "", "JOURNALED_STREAM_NAME"),
+            (
+                "DATABASE_URL",
+                "postgres://nobody@127.0.0.1:1/none",
+                "cannot connect",
+            ),
+        ];
+        for (var, value, expected) in cases {
+            let out = worker(&db.url(), "http://127.0.0.1:1")
+                .env(var, value)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{var}={value} was accepted");
+            assert_eq!(stderr.trim().lines().count(), 1, "{var}={value}: {stderr}");
+            assert!(stderr.contains(expected), "{var}={value}: {stderr}");
+        }
+    }
 }
