@@ -1,0 +1,315 @@
+//! The delivery worker's speed, from one run:
+//! 1. its own ceiling with the sink replaced by a no-op, on a backlog of one million events
+//!    (10 per job), and its peak memory (VmHWM) while draining it;
+//! 2. events per second from PostgreSQL to kinesalite, against raw `PutRecords` from the same
+//!    SDK client to the same kinesalite, same concurrency and request size;
+//! 3. commit-to-acknowledged latency at a steady moderate rate, woken by LISTEN/NOTIFY.
+//!
+//! ```sh
+//! cargo bench --bench worker     # needs PostgreSQL on 127.0.0.1:5432 and Node.js (tools/)
+//! ```
+
+#[path = "../tests/common/kinesis.rs"]
+mod kinesis;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use journaled::kinesis::{Failure, KinesisSink, NoopSink, OutRecord, Sink};
+use journaled::store::BoxFuture;
+use journaled::{Config, Journaled, Worker, WorkerConfig, journal};
+use kinesis::{Emulator, Kind, kinesis_config};
+use sqlx::PgPool;
+
+#[derive(serde::Serialize, journaled::Event)]
+struct ContractAcceptanceEvent {
+    user_id: i64,
+    signature: String,
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn fresh_db(admin: &PgPool, name: &str, admin_url: &str) -> PgPool {
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(admin)
+            .await
+            .unwrap();
+    }
+    let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .unwrap();
+    journaled::migrate(&pool).await.unwrap();
+    pool
+}
+
+/// Inserts `jobs` jobs of 10 events each in one statement (a backlog, fast).
+async fn backlog(journaled: &Journaled<sqlx::Postgres>, jobs: i64) {
+    // One real job as the template, then copies of it.
+    let mut tx = journaled.begin().await.unwrap();
+    for i in 0..10 {
+        journal!(
+            tx,
+            ContractAcceptanceEvent {
+                user_id: i,
+                signature: "Sarah T. User".into()
+            }
+        )
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    sqlx::query(
+        "INSERT INTO journaled.jobs (priority, event_count, records) \
+         SELECT j.priority, j.event_count, j.records FROM journaled.jobs j, generate_series(2, $1)",
+    )
+    .bind(jobs)
+    .execute(journaled.pool())
+    .await
+    .unwrap();
+}
+
+async fn drain(pool: &PgPool, sink: impl Sink, config: WorkerConfig) -> Duration {
+    let start = Instant::now();
+    Worker::new(
+        pool.clone(),
+        sink,
+        WorkerConfig {
+            drain: true,
+            ..config
+        },
+    )
+    .unwrap()
+    .run(std::future::pending())
+    .await
+    .unwrap();
+    start.elapsed()
+}
+
+/// Records when each event id was acknowledged.
+struct TimingSink {
+    inner: KinesisSink,
+    acked: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl Sink for TimingSink {
+    fn put_records<'a>(
+        &'a self,
+        stream: &'a str,
+        records: &'a [OutRecord<'a>],
+    ) -> BoxFuture<'a, Result<Vec<Option<Failure>>, Failure>> {
+        Box::pin(async move {
+            let result = self.inner.put_records(stream, records).await;
+            let now = Instant::now();
+            if let Ok(outcomes) = &result {
+                let mut acked = self.acked.lock().unwrap();
+                for (record, outcome) in records.iter().zip(outcomes) {
+                    if outcome.is_none() {
+                        // Records start with {"id":"<36-char uuid>"
+                        let id = String::from_utf8_lossy(&record.data[7..43]).into_owned();
+                        acked.insert(id, now);
+                    }
+                }
+            }
+            result
+        })
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let admin_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let admin = PgPool::connect(&admin_url).await.expect("connect");
+    let config = Config::default()
+        .with_stream_name("bench")
+        .with_schema_roots([concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/journaled_schemas"
+        )]);
+    let million: i64 = std::env::var("BENCH_BACKLOG_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+
+    // 1. Ceiling and memory: a no-op sink draining a backlog of a million events.
+    let pool = fresh_db(&admin, "journaled_bench_worker", &admin_url).await;
+    let journaled = Journaled::new(pool.clone(), config.clone());
+    backlog(&journaled, million / 10).await;
+    let rss_before = peak_rss_mib();
+    let ceiling_config = WorkerConfig {
+        batch_size: 500,
+        concurrency: 4,
+        ..WorkerConfig::default()
+    };
+    let elapsed = drain(&pool, NoopSink, ceiling_config).await;
+    let rss_after = peak_rss_mib();
+    println!(
+        "1. no-op sink, backlog of {million} events (10 per job), batch 500 jobs x 4 in flight:"
+    );
+    println!(
+        "   {:.0} events/s ({:.1} s); peak RSS {rss_after:.1} MiB (before draining: {rss_before:.1} MiB)",
+        million as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+
+    // 2. Worker vs raw PutRecords, same client, same kinesalite, same request size and concurrency.
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("bench", 4).await;
+    let client = kinesis_config(&emulator.endpoint()).client().await;
+    let events: i64 = 40_000;
+    let data: Vec<Vec<u8>> = (0..500)
+        .map(|i| format!(r#"{{"id":"00000000-0000-7000-8000-{i:012}","event_type":"contract_acceptance_event","created_at":"2026-11-23T00:00:00.000+00:00","user_id":{i},"signature":"Sarah T. User"}}"#).into_bytes())
+        .collect();
+    let keys: Vec<String> = (0..500)
+        .map(|i| format!("00000000-0000-7000-8000-{i:012}"))
+        .collect();
+    let raw_sink = KinesisSink::new(client.clone());
+    let requests = (events / 500) as usize;
+    // Warm up connections.
+    let records: Vec<OutRecord<'_>> = keys
+        .iter()
+        .zip(&data)
+        .map(|(k, d)| OutRecord {
+            partition_key: k,
+            data: d,
+        })
+        .collect();
+    raw_sink.put_records("bench", &records).await.unwrap();
+    let mut raw_rates = Vec::new();
+    let mut worker_rates = Vec::new();
+    for _round in 0..3 {
+        let start = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(4));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..requests {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let sink = raw_sink.clone();
+            let keys = keys.clone();
+            let data = data.clone();
+            set.spawn(async move {
+                let records: Vec<OutRecord<'_>> = keys
+                    .iter()
+                    .zip(&data)
+                    .map(|(k, d)| OutRecord {
+                        partition_key: k,
+                        data: d,
+                    })
+                    .collect();
+                let outcomes = sink.put_records("bench", &records).await.unwrap();
+                assert!(outcomes.iter().all(Option::is_none));
+                drop(permit);
+            });
+        }
+        while set.join_next().await.is_some() {}
+        raw_rates.push(events as f64 / start.elapsed().as_secs_f64());
+
+        backlog(&journaled, events / 10).await;
+        let elapsed = drain(
+            &pool,
+            KinesisSink::new(client.clone()),
+            WorkerConfig {
+                batch_size: 50,
+                concurrency: 4,
+                ..WorkerConfig::default()
+            },
+        )
+        .await;
+        worker_rates.push(events as f64 / elapsed.as_secs_f64());
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (raw, worker) = (median(raw_rates), median(worker_rates));
+    println!(
+        "2. kinesalite, {events} events, 500 records per request, 4 requests in flight, median of 3 interleaved rounds:"
+    );
+    println!(
+        "   raw PutRecords {raw:.0} events/s; worker from PostgreSQL {worker:.0} events/s; worker/raw = {:.3}",
+        worker / raw
+    );
+
+    // 3. Latency: one event per transaction at a steady rate, the worker woken by NOTIFY.
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let sink = TimingSink {
+        inner: KinesisSink::new(client.clone()),
+        acked: acked.clone(),
+    };
+    let worker = Worker::new(pool.clone(), sink, WorkerConfig::default()).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(500)).await; // LISTEN is up
+    let rate = 100u64;
+    let total = 1000;
+    let mut committed = HashMap::new();
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for i in 0..total {
+        ticker.tick().await;
+        let mut tx = journaled.begin().await.unwrap();
+        let id = journal!(
+            tx,
+            ContractAcceptanceEvent {
+                user_id: i,
+                signature: "Sarah T. User".into()
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+        committed.insert(id.to_string(), Instant::now());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < total as usize && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let mut latencies: Vec<f64> = {
+        let acked = acked.lock().unwrap();
+        committed
+            .iter()
+            .filter_map(|(id, at)| {
+                acked
+                    .get(id)
+                    .map(|ack| ack.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "3. commit-to-acknowledged, {total} transactions of 1 event at {rate}/s, kinesalite, LISTEN/NOTIFY:"
+    );
+    println!(
+        "   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {total} acknowledged)",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN),
+        latencies.len()
+    );
+
+    pool.close().await;
+    sqlx::raw_sql("DROP DATABASE IF EXISTS journaled_bench_worker WITH (FORCE)")
+        .execute(&admin)
+        .await
+        .unwrap();
+}
