@@ -83,7 +83,8 @@ impl Config {
         self
     }
 
-    /// The application's name, used in actor fallbacks (`gid://<app>`).
+    /// The application's name, used in actor fallbacks (`gid://<app>`); overrides
+    /// `JOURNALED_APP_NAME`. Process-wide: the first `Journaled` built with one sets it.
     pub fn with_app_name(mut self, name: impl Into<String>) -> Self {
         self.app_name = Some(name.into());
         self

@@ -123,10 +123,20 @@ pub fn current_actor() -> Option<String> {
         .flatten()
 }
 
-/// The application's name: `JOURNALED_APP_NAME`, else the executable's file name.
+static CONFIGURED_APP_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records the app name of the first `Journaled` built with `Config::with_app_name`.
+pub(crate) fn configure_app_name(name: &str) {
+    let _ = CONFIGURED_APP_NAME.set(name.to_owned());
+}
+
+/// The application's name: the first one configured with `Config::with_app_name`, else
+/// `JOURNALED_APP_NAME`, else the executable's file name.
 pub fn app_name() -> String {
-    std::env::var("JOURNALED_APP_NAME")
-        .ok()
+    CONFIGURED_APP_NAME
+        .get()
+        .cloned()
+        .or_else(|| std::env::var("JOURNALED_APP_NAME").ok())
         .filter(|name| !name.is_empty())
         .or_else(|| {
             std::env::current_exe()

@@ -47,6 +47,8 @@ impl std::fmt::Display for Failure {
     }
 }
 
+impl std::error::Error for Failure {}
+
 /// One record to put.
 #[derive(Debug, Clone, Copy)]
 pub struct OutRecord<'a> {

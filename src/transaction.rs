@@ -43,6 +43,9 @@ impl<DB: Backend> Journaled<DB> {
     /// Journals into `pool` with `config`.
     pub fn new(pool: sqlx::Pool<DB>, config: Config) -> Self {
         let schemas = SchemaRegistry::new(config.schema_roots.clone());
+        if let Some(name) = &config.app_name {
+            crate::context::configure_app_name(name);
+        }
         Journaled {
             pool,
             shared: Arc::new(Shared { config, schemas }),

@@ -558,3 +558,40 @@ on_both_backends!(
     a_corrupt_job_is_dead_and_the_rest_flow,
     a_missing_stream_is_retried_until_it_exists,
 );
+
+/// SQLite: two workers with their own connections to one file deliver everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_sqlite_file() {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 80, 2).await;
+    let expected = stored(&journaled).await;
+    let second_pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(
+            db.url()
+                .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .unwrap()
+                .busy_timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    let config = WorkerConfig {
+        batch_size: 4,
+        concurrency: 2,
+        ..test_config()
+    };
+    let endpoint = emulator.endpoint();
+    let (a, b) = tokio::join!(
+        drain(&db.pool, &endpoint, config.clone()),
+        drain(&second_pool, &endpoint, config)
+    );
+    let got = delivered(&emulator, "test_stream").await;
+    assert_exactly_delivered(&expected, &got);
+    assert_eq!(got.len(), expected.len(), "each job delivered once");
+    let jobs = a.completed_jobs.load(Ordering::Relaxed) + b.completed_jobs.load(Ordering::Relaxed);
+    assert_eq!(jobs, 80);
+    assert!(journaled.jobs().await.unwrap().is_empty());
+}
