@@ -50,7 +50,9 @@ async fn main() {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     step("starting a local Kinesis (kinesalite from tools/, installed with npm if missing)");
-    let emulator = kinesis::Emulator::start(kinesis::Kind::Kinesalite).await;
+    let emulator = kinesis::Emulator::try_start(kinesis::Kind::Kinesalite)
+        .await
+        .map_err(|e| format!("cannot start the local Kinesis: {e}"))?;
     let kinesis_config = kinesis::kinesis_config(&emulator.endpoint());
     let client = kinesis_config.client().await;
     journaled::kinesis::ensure_stream(&client, STREAM, 1).await?;

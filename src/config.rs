@@ -18,6 +18,9 @@ pub struct Config {
     pub(crate) default_priority: i32,
     pub(crate) enabled: bool,
     pub(crate) max_record_size: usize,
+    pub(crate) filter_parameters: Vec<String>,
+    pub(crate) audit_ignored_columns: Vec<String>,
+    pub(crate) snapshot_on_deletion: bool,
 }
 
 impl Default for Config {
@@ -30,6 +33,12 @@ impl Default for Config {
             default_priority: DEFAULT_PRIORITY,
             enabled: true,
             max_record_size: DEFAULT_MAX_RECORD_SIZE,
+            filter_parameters: Vec::new(),
+            audit_ignored_columns: crate::audit::DEFAULT_IGNORED_COLUMNS
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
+            snapshot_on_deletion: false,
         }
     }
 }
@@ -50,7 +59,8 @@ pub(crate) fn parse_bool(value: &str) -> Option<bool> {
 impl Config {
     /// Reads `JOURNALED_STREAM_NAME`, `JOURNALED_APP_NAME`, `JOURNALED_SCHEMA_PATH` (a
     /// `:`-separated list of folders, first match wins), `JOURNALED_JOB_PRIORITY` and
-    /// `JOURNALED_ENABLED`. A malformed value is an error that names the variable.
+    /// `JOURNALED_ENABLED` and `JOURNALED_FILTER_PARAMETERS` (comma-separated sensitive names).
+    /// A malformed value is an error that names the variable.
     pub fn from_env() -> Result<Config, Error> {
         let mut config = Config {
             stream_name: var("JOURNALED_STREAM_NAME"),
@@ -66,6 +76,13 @@ impl Config {
                     "JOURNALED_JOB_PRIORITY must be an integer, got `{priority}`"
                 ))
             })?;
+        }
+        if let Some(names) = var("JOURNALED_FILTER_PARAMETERS") {
+            config.filter_parameters = names
+                .split(',')
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .collect();
         }
         if let Some(enabled) = var("JOURNALED_ENABLED") {
             config.enabled = parse_bool(&enabled).ok_or_else(|| {
@@ -115,6 +132,34 @@ impl Config {
     /// The largest record (data plus partition key) accepted; Kinesis' default is 1 MiB.
     pub fn with_max_record_size(mut self, bytes: usize) -> Self {
         self.max_record_size = bytes;
+        self
+    }
+
+    /// Sensitive names: a column containing one (case-insensitive) is filtered in audit events,
+    /// like Rails' `filter_parameters`. Adds to `JOURNALED_FILTER_PARAMETERS`.
+    pub fn with_filter_parameters<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.filter_parameters
+            .extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// Replaces the columns every audited type ignores (default `created_at`, `updated_at`).
+    pub fn with_default_ignored_columns<I, S>(mut self, columns: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.audit_ignored_columns = columns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds a snapshot to every deletion's audit log event.
+    pub fn with_snapshot_on_deletion(mut self, enabled: bool) -> Self {
+        self.snapshot_on_deletion = enabled;
         self
     }
 

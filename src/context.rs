@@ -146,18 +146,30 @@ pub fn app_name() -> String {
         .unwrap_or_else(|| "app".to_owned())
 }
 
-/// The actor of what is journaled now: the scope's actor, else `gid://<app>`.
+/// The actor of what is journaled now: the scope's actor; else `gid://<app>/<os user>` for a
+/// command-line run (stdin is a terminal); else `gid://<app>`.
 pub fn actor_uri() -> String {
-    current_actor().unwrap_or_else(|| format!("gid://{}", app_name()))
+    current_actor().unwrap_or_else(|| {
+        use std::io::IsTerminal;
+        let user = std::env::var("USER")
+            .ok()
+            .or_else(|| std::env::var("LOGNAME").ok());
+        crate::audit::fallback_actor(&app_name(), std::io::stdin().is_terminal(), user)
+    })
 }
 
 /// The deployed commit, from `GIT_COMMIT`; an error when it is unset, as in the reference.
 pub fn commit_hash() -> Result<String, ContextError> {
-    std::env::var("GIT_COMMIT")
-        .ok()
+    commit_hash_from(std::env::var("GIT_COMMIT").ok())
+}
+
+fn commit_hash_from(value: Option<String>) -> Result<String, ContextError> {
+    value
+        .map(|hash| hash.trim().to_owned())
         .filter(|hash| !hash.is_empty())
         .ok_or(ContextError::GitCommitUnset)
 }
+
 
 /// Builds [`Tags`] from `key = value` pairs; values are anything `serde_json::json!` takes.
 ///
@@ -190,4 +202,24 @@ macro_rules! tag {
     ($($key:ident = $value:expr),* $(,)?) => {
         $crate::context::add_tags($crate::tags! { $($key = $value),* })
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_hash_needs_git_commit() {
+        assert_eq!(commit_hash_from(None), Err(ContextError::GitCommitUnset));
+        assert_eq!(
+            commit_hash_from(Some(" ".into())),
+            Err(ContextError::GitCommitUnset)
+        );
+        assert_eq!(commit_hash_from(Some("abc123\n".into())).unwrap(), "abc123");
+        assert!(
+            ContextError::GitCommitUnset
+                .to_string()
+                .contains("GIT_COMMIT")
+        );
+    }
 }

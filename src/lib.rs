@@ -46,6 +46,7 @@
 
 extern crate self as journaled;
 
+pub mod audit;
 #[doc(hidden)]
 pub mod cli;
 mod config;
@@ -66,7 +67,7 @@ pub use context::{
 pub use delivery::{Worker, WorkerConfig, WorkerStats};
 pub use error::{Error, Result, Violation};
 pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
-pub use journaled_derive::Event;
+pub use journaled_derive::{Audited, Event};
 pub use store::{Backend, Job, JobId, Status, StoredRecord, migrate};
 pub use transaction::{Journaled, Transaction};
 

@@ -19,6 +19,14 @@ const BUILT_IN: &[(&str, &str)] = &[
         "tagged_event",
         include_str!("../journaled_schemas/tagged_event.json"),
     ),
+    (
+        "journaled_audit_log_event",
+        include_str!("../journaled_schemas/journaled_audit_log_event.json"),
+    ),
+    (
+        "journaled_change",
+        include_str!("../journaled_schemas/journaled_change.json"),
+    ),
 ];
 
 /// What [`SchemaRegistry::check`] found for one schema file.

@@ -172,6 +172,10 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
     /// staged and the transaction is untouched. This is what `journal!(tx, event)` does.
     pub fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, Error> {
         let prepared = event::prepare(event, &self.shared.config, &self.shared.schemas)?;
+        Ok(self.stage(prepared))
+    }
+
+    fn stage(&mut self, prepared: Prepared) -> EventId {
         let id = prepared.id;
         tracing::debug!(
             target: "journaled.event.stage",
@@ -183,7 +187,17 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         if self.shared.config.enabled {
             self.staged.push(prepared);
         }
-        Ok(id)
+        id
+    }
+
+    /// Journals a change to an audited record: its audit log event and its change-journaling
+    /// events, all validated now and staged together, or none of them on error.
+    pub fn audit<R: crate::audit::Audited>(
+        &mut self,
+        change: crate::audit::Change<'_, R>,
+    ) -> Result<Vec<EventId>, Error> {
+        let prepared = crate::audit::prepare(&change, &self.shared.config, &self.shared.schemas)?;
+        Ok(prepared.into_iter().map(|p| self.stage(p)).collect())
     }
 
     /// How many events are staged in this transaction (not counting open savepoints).

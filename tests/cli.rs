@@ -76,6 +76,27 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
 }
 
 #[test]
+fn without_database_url_the_cli_uses_a_sqlite_file_here() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cli-default-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = cli().arg("migrate").current_dir(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("journaled.db").exists());
+    let out = cli()
+        .args(["status", "--json"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"pending_jobs\":0"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_database_urls_exit_with_one_clear_line() {
     let out = cli()
         .arg("migrate")

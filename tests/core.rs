@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{AppSql, TestDb, test_config};
+use common::{AppSql, TestDb, events, test_config};
 use journaled::{Backend, Error, Event, Journaled, journal, tagged, tags, with_actor};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -234,16 +234,6 @@ async fn names<DB: Backend>(journaled: &Journaled<DB>) -> Vec<String> {
         .iter()
         .map(|e| e["name"].as_str().unwrap_or_default().to_owned())
         .collect()
-}
-
-async fn events<DB: Backend>(journaled: &Journaled<DB>) -> Vec<Value> {
-    let mut out = Vec::new();
-    for job in journaled.jobs().await.unwrap() {
-        for record in job.records().unwrap() {
-            out.push(serde_json::from_slice(record.data()).unwrap());
-        }
-    }
-    out
 }
 
 async fn journaling_outside_a_transaction_writes_at_once<DB: Backend + AppSql>(db: &TestDb<DB>) {

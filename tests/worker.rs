@@ -595,3 +595,54 @@ async fn two_workers_on_one_sqlite_file() {
     assert_eq!(jobs, 80);
     assert!(journaled.jobs().await.unwrap().is_empty());
 }
+
+/// A stopping worker waits for deliveries in flight only up to its shutdown timeout, then gives
+/// their jobs back, due at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_unfinished_jobs_back() {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    *proxy.faults.slow_for.lock().unwrap() = Duration::from_secs(60);
+    proxy.faults.slow.store(1000, Ordering::SeqCst);
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 3, 2).await;
+    let mut config = test_config();
+    config.shutdown_timeout = Duration::from_millis(500);
+    let sink = KinesisSink::new(
+        journaled::kinesis::KinesisConfig {
+            read_timeout: Duration::from_secs(60),
+            ..kinesis_config(&proxy.endpoint())
+        }
+        .client()
+        .await,
+    );
+    let worker = Worker::new(db.pool.clone(), sink, config).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    wait_until(30, "the worker is publishing", || async {
+        proxy.faults.injected_slow.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert_eq!(
+        journaled::store::status(&db.pool)
+            .await
+            .unwrap()
+            .leased_jobs,
+        3
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("stops within the timeout")
+        .unwrap()
+        .unwrap();
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    assert_eq!(
+        (status.leased_jobs, status.due_jobs, status.pending_events),
+        (0, 3, 6)
+    );
+}

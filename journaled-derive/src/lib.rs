@@ -3,6 +3,8 @@
 //! The logic is deliberately thin: it reads `#[journaled(...)]` attributes and writes an
 //! `impl journaled::Event`. Everything that can live in a normal library lives in `journaled`.
 
+mod audit;
+
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as TokenStream2;
 use quote::quote;
@@ -24,6 +26,26 @@ use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path, parse_macro_input};
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     match expand(&input) {
+        Ok(tokens) => tokens.into(),
+        Err(err) => err.to_compile_error().into(),
+    }
+}
+
+/// Derives `journaled::audit::Audited` for a struct whose serde fields are its columns.
+///
+/// Container attributes:
+/// - `#[audited(table = "users", class_name = "User", ignore = ["last_synced_at"],
+///   sensitive = ["ssn"], stream = "name", priority = 30, skip_audit_log)]`, all optional
+///   (table defaults to the snake_case type name plus `s`; class name to the type name).
+/// - `#[journal_changes_to(email, first_name, as = "identity_change")]`, repeatable, with an
+///   optional `tagged`; naming a field the struct does not have is a compile error.
+///
+/// Field attributes: `#[audited(id)]` (the record id; default the field `id`),
+/// `#[audited(sensitive)]`, `#[audited(ignore)]`.
+#[proc_macro_derive(Audited, attributes(audited, journal_changes_to))]
+pub fn derive_audited(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    match audit::expand(&input) {
         Ok(tokens) => tokens.into(),
         Err(err) => err.to_compile_error().into(),
     }
@@ -183,7 +205,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     })
 }
 
-fn parse_path(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<Path> {
+pub(crate) fn parse_path(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<Path> {
     let value = meta.value()?;
     if value.peek(LitStr) {
         let lit: LitStr = value.parse()?;
@@ -233,7 +255,7 @@ fn partition_key_field(fields: &Fields) -> syn::Result<Option<TokenStream2>> {
 }
 
 /// `ContractAcceptanceEvent` → `contract_acceptance_event`; `HTTPRequestSent` → `http_request_sent`.
-fn snake_case(name: &str) -> String {
+pub(crate) fn snake_case(name: &str) -> String {
     let chars: Vec<char> = name.chars().collect();
     let mut out = String::with_capacity(name.len() + 4);
     for (i, &c) in chars.iter().enumerate() {

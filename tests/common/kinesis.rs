@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,21 +20,32 @@ fn tools() -> PathBuf {
 }
 
 /// Installs the emulators from tools/package-lock.json once, if scripts/test did not.
-fn install() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if tools().join("node_modules/kinesalite").exists()
-            && tools().join("node_modules/kinesis-local").exists()
-        {
-            return;
-        }
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(tools())
-            .status()
-            .expect("npm is needed to install the local Kinesis (tools/package.json)");
-        assert!(status.success(), "npm ci in tools/ failed");
-    });
+fn install() -> Result<(), String> {
+    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            if tools().join("node_modules/kinesalite").exists()
+                && tools().join("node_modules/kinesis-local").exists()
+            {
+                return Ok(());
+            }
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(tools())
+                .status()
+                .map_err(|e| {
+                    format!("cannot run npm ({e}): install Node.js with npm to get a local Kinesis")
+                })?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`npm ci` in {} failed ({status}); is the npm registry reachable?",
+                    tools().display()
+                ))
+            }
+        })
+        .clone()
 }
 
 fn free_port() -> u16 {
@@ -45,18 +56,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn wait_for_port(port: u16) {
+async fn wait_for_port(port: u16, child: &mut Child) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .is_err()
     {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "emulator did not open port {port}"
-        );
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the emulator exited before listening ({status})"));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the emulator did not open port {port} within 60 s"));
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +90,15 @@ pub struct Emulator {
 
 impl Emulator {
     pub async fn start(kind: Kind) -> Emulator {
-        install();
+        match Self::try_start(kind).await {
+            Ok(emulator) => emulator,
+            Err(e) => panic!("cannot start {kind:?}: {e}"),
+        }
+    }
+
+    /// Starts an emulator, or says clearly why it could not.
+    pub async fn try_start(kind: Kind) -> Result<Emulator, String> {
+        install()?;
         let port = free_port();
         let mut cmd = Command::new("node");
         cmd.current_dir(tools())
@@ -106,9 +128,15 @@ impl Emulator {
                     .env("LOG_LEVEL", "ERROR");
             }
         }
-        let child = cmd.spawn().expect("node starts the emulator");
-        wait_for_port(port).await;
-        Emulator { child, port, kind }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run node ({e}): install Node.js"))?;
+        if let Err(e) = wait_for_port(port, &mut child).await {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(Emulator { child, port, kind })
     }
 
     pub fn endpoint(&self) -> String {

@@ -28,6 +28,17 @@ pub fn test_config() -> Config {
         .with_schema_roots([schema_root()])
 }
 
+/// Every staged-and-committed event's JSON, in job and record order.
+pub async fn events<DB: Backend>(journaled: &Journaled<DB>) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for job in journaled.jobs().await.unwrap() {
+        for record in job.records().unwrap() {
+            out.push(serde_json::from_slice(record.data()).unwrap());
+        }
+    }
+    out
+}
+
 /// A database of its own for one test, dropped when the test ends.
 pub struct TestDb<DB: Backend> {
     pub pool: sqlx::Pool<DB>,
