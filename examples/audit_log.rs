@@ -24,8 +24,7 @@ struct User {
     updated_at: String,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn setup() -> Result<Journaled<sqlx::Sqlite>, journaled::Error> {
     // One connection: each connection to `sqlite::memory:` is a database of its own.
     let pool = sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(1)
@@ -37,7 +36,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_filter_parameters(["passw"]);
     let journaled = Journaled::new(pool, config);
     journaled.migrate().await?;
+    Ok(journaled)
+}
 
+/// Creates, updates (ignored columns only, then a name and a sensitive column), and deletes a user.
+async fn lifecycle(journaled: &Journaled<sqlx::Sqlite>) -> Result<(), journaled::Error> {
     let created = User {
         id: 1,
         email: "ada@example.com".into(),
@@ -56,21 +59,70 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     renamed.ssn = Some("987-65-4321".into());
     renamed.updated_at = "2026-11-23T10:10:00Z".into();
 
-    tagged(tags! { request_id = "req-1" }, with_actor("gid://audit_example/AdminUser/7", async {
-        let mut tx = journaled.begin().await?;
-        tx.audit(Change::insert(&created))?;
-        let ignored = tx.audit(Change::update(&created, &seen))?; // only ignored columns changed
-        println!("update of ignored columns only: {} events", ignored.len());
-        with_snapshots(async { tx.audit(Change::update(&seen, &renamed)) }).await?;
-        tx.audit(Change::delete(&renamed))?;
-        tx.commit().await
-    }))
-    .await?;
+    tagged(
+        tags! { request_id = "req-1" },
+        with_actor("gid://audit_example/AdminUser/7", async {
+            let mut tx = journaled.begin().await?;
+            tx.audit(Change::insert(&created))?;
+            let ignored = tx.audit(Change::update(&created, &seen))?; // only ignored columns changed
+            println!("update of ignored columns only: {} events", ignored.len());
+            with_snapshots(async { tx.audit(Change::update(&seen, &renamed)) }).await?;
+            tx.audit(Change::delete(&renamed))?;
+            tx.commit().await
+        }),
+    )
+    .await
+}
 
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let journaled = setup().await?;
+    lifecycle(&journaled).await?;
     for job in journaled.jobs().await? {
         for record in job.records()? {
             println!("{}", record.data.get());
         }
     }
     Ok(())
+}
+
+/// The example's own tests, with `journaled::testing` (run by `cargo test --features testing`).
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use journaled::testing::{Expect, assert_journals_changes_to, capture};
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn the_lifecycle_journals_what_consumers_expect() {
+        let journaled = setup().await.unwrap();
+        let (result, captured) = capture(lifecycle(&journaled)).await;
+        result.unwrap();
+        captured.assert(&[
+            Expect::event(
+                json!({"database_operation": "insert", "changes": {"ssn": [null, "[FILTERED]"]}}),
+            )
+            .with_event_type("journaled_audit_log_event"),
+            Expect::event(json!({
+                "database_operation": "update",
+                "changes": {"name": ["Ada", "Augusta Ada"]},
+                "snapshot": {"password_digest": "[FILTERED]"},
+                "actor": "gid://audit_example/AdminUser/7",
+                "tags": {"request_id": "req-1"},
+            })),
+            Expect::event(
+                json!({"logical_operation": "identity_change", "database_operation": "delete"}),
+            ),
+        ]);
+        captured.assert_not(&[Expect::event(
+            json!({"changes": {"last_seen_at": ["2026-11-23T10:05:00Z", null]}}),
+        )]);
+        assert!(
+            !captured
+                .events
+                .iter()
+                .any(|e| e.data.to_string().contains("123-45-6789"))
+        );
+        assert_journals_changes_to::<User>(&["email", "name"], "identity_change");
+    }
 }

@@ -170,7 +170,6 @@ fn commit_hash_from(value: Option<String>) -> Result<String, ContextError> {
         .ok_or(ContextError::GitCommitUnset)
 }
 
-
 /// Builds [`Tags`] from `key = value` pairs; values are anything `serde_json::json!` takes.
 ///
 /// ```

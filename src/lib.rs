@@ -57,6 +57,8 @@ mod event;
 pub mod kinesis;
 pub mod schema;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod transaction;
 
 pub use config::{Config, DEFAULT_MAX_RECORD_SIZE, DEFAULT_PRIORITY};
@@ -69,7 +71,7 @@ pub use error::{Error, Result, Violation};
 pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
 pub use journaled_derive::{Audited, Event};
 pub use store::{Backend, Job, JobId, Status, StoredRecord, migrate};
-pub use transaction::{Journaled, Transaction};
+pub use transaction::{Enqueued, Journaled, Transaction};
 
 /// Journals an event: validated and serialized now.
 ///

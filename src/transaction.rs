@@ -9,9 +9,55 @@ use crate::schema::SchemaRegistry;
 use crate::store::{self, Backend, BoxFuture, Job, NewJob};
 use crate::{Config, Error, Event};
 
+type Subscriber = Arc<dyn Fn(&Enqueued<'_>) + Send + Sync>;
+
 struct Shared {
     config: Config,
     schemas: SchemaRegistry,
+    subscribers: std::sync::RwLock<Vec<Subscriber>>,
+}
+
+impl Shared {
+    /// Tells subscribers (and a capturing test) about events whose transaction committed.
+    fn enqueued(&self, events: &[Prepared]) {
+        #[cfg(feature = "testing")]
+        crate::testing::record(events);
+        let subscribers = self.subscribers.read().expect("poisoned").clone();
+        if subscribers.is_empty() {
+            return;
+        }
+        for event in events {
+            let enqueued = Enqueued {
+                event_id: event.id,
+                event_type: event.event_type,
+                stream: &event.stream,
+                partition_key: &event.partition_key,
+                priority: event.priority,
+                data: &event.data,
+            };
+            for subscriber in &subscribers {
+                subscriber(&enqueued);
+            }
+        }
+    }
+}
+
+/// An event whose transaction just committed (the reference's `journaled.event.enqueue`
+/// notification); see [`Journaled::on_enqueue`].
+#[derive(Debug, Clone, Copy)]
+pub struct Enqueued<'a> {
+    /// Its id.
+    pub event_id: EventId,
+    /// Its type.
+    pub event_type: &'a str,
+    /// Its stream.
+    pub stream: &'a str,
+    /// Its partition key.
+    pub partition_key: &'a str,
+    /// Its job priority.
+    pub priority: i32,
+    /// Its exact JSON.
+    pub data: &'a str,
 }
 
 /// The entry point: a connection pool plus the configuration and compiled schemas.
@@ -48,13 +94,37 @@ impl<DB: Backend> Journaled<DB> {
         }
         Journaled {
             pool,
-            shared: Arc::new(Shared { config, schemas }),
+            shared: Arc::new(Shared {
+                config,
+                schemas,
+                subscribers: std::sync::RwLock::new(Vec::new()),
+            }),
         }
     }
 
     /// Journals into `pool` with [`Config::from_env`].
     pub fn from_env(pool: sqlx::Pool<DB>) -> Result<Self, Error> {
         Ok(Self::new(pool, Config::from_env()?))
+    }
+
+    /// Calls `subscriber` for every event whose transaction commits (or that `journal_now`
+    /// writes), after the commit, on the committing task. Keep it quick: it runs inline.
+    ///
+    /// ```no_run
+    /// # fn f(journaled: &journaled::Journaled<sqlx::Postgres>) {
+    /// use std::collections::HashMap;
+    /// use std::sync::{Arc, Mutex};
+    /// let counts: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    /// let c = counts.clone();
+    /// journaled.on_enqueue(move |e| *c.lock().unwrap().entry(e.event_type.to_owned()).or_default() += 1);
+    /// # }
+    /// ```
+    pub fn on_enqueue(&self, subscriber: impl Fn(&Enqueued<'_>) + Send + Sync + 'static) {
+        self.shared
+            .subscribers
+            .write()
+            .expect("poisoned")
+            .push(Arc::new(subscriber));
     }
 
     /// The pool jobs are written to.
@@ -134,6 +204,7 @@ impl<DB: Backend> Journaled<DB> {
                 let mut conn = self.pool.acquire().await?;
                 let ids = DB::insert_jobs(&mut conn, &jobs).await?;
                 log_enqueued(&jobs, &ids, std::slice::from_ref(&prepared));
+                self.shared.enqueued(std::slice::from_ref(&prepared));
             }
             Ok(id)
         })
@@ -224,7 +295,7 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
             mut tx,
             staged,
             parent,
-            ..
+            shared,
         } = self;
         if let Some(parent) = parent {
             tx.commit().await?;
@@ -239,6 +310,7 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         let ids = DB::insert_jobs(&mut tx, &jobs).await?;
         tx.commit().await?;
         log_enqueued(&jobs, &ids, &staged);
+        shared.enqueued(&staged);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ CREATE TABLE journaled.jobs (
     locked_until   timestamptz,
     last_error     text,
     dead_at        timestamptz,
-    created_at     timestamptz NOT NULL DEFAULT now(),
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp(), -- the insert, just before COMMIT
     event_count    integer     NOT NULL CHECK (event_count > 0),
     -- JSON text, never jsonb: the records' data must stay byte for byte as validated.
     records        text        NOT NULL
