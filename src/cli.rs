@@ -182,6 +182,9 @@ pub struct WorkerArgs {
     /// Exit once nothing is due.
     #[arg(long, env = "JOURNALED_WORKER_DRAIN")]
     pub drain: bool,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9187 (off by default).
+    #[arg(long, env = "JOURNALED_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub aws: AwsArgs,
 }
@@ -202,6 +205,7 @@ impl WorkerArgs {
             max_request_bytes: self.max_request_bytes as usize,
             shutdown_timeout: self.shutdown_timeout_secs,
             drain: self.drain,
+            metrics_addr: self.metrics_addr,
         }
     }
 }

@@ -646,3 +646,94 @@ async fn shutdown_gives_unfinished_jobs_back() {
         (0, 3, 6)
     );
 }
+
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The metrics endpoint of a running worker moves after a delivery and after a throttled retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_after_delivery_and_throttling() {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = WorkerConfig {
+        metrics_addr: Some(([127, 0, 0, 1], port).into()),
+        ..test_config()
+    };
+    let worker = spawn_worker(&db.pool, &proxy.endpoint(), config).await;
+
+    commit_events(&journaled, 1, 5).await;
+    wait_until(30, "delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
+    })
+    .await;
+    let text = scrape(port).await;
+    assert_eq!(metric(&text, "journaled_events_delivered_total"), 5.0);
+    assert!(
+        metric(
+            &text,
+            "journaled_put_records_requests_total{outcome=\"ok\"}"
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&text, "journaled_delivery_latency_seconds_count"),
+        5.0
+    );
+    assert_eq!(metric(&text, "journaled_put_records_records_sum"), 5.0);
+    assert!(metric(&text, "journaled_put_records_bytes_sum") > 0.0);
+    assert_eq!(metric(&text, "journaled_jobs_pending"), 0.0);
+    assert_eq!(
+        metric(&text, "journaled_oldest_pending_event_age_seconds"),
+        0.0
+    );
+
+    proxy.faults.throttle_every.store(2, Ordering::SeqCst);
+    proxy.faults.throttle_requests.store(1, Ordering::SeqCst);
+    commit_events(&journaled, 1, 3).await;
+    wait_until(30, "delivered after a retry", || async {
+        journaled.jobs().await.unwrap().is_empty()
+    })
+    .await;
+    let text = scrape(port).await;
+    assert_eq!(metric(&text, "journaled_events_delivered_total"), 8.0);
+    assert_eq!(
+        metric(
+            &text,
+            "journaled_records_failed_total{code=\"ProvisionedThroughputExceededException\"}"
+        ),
+        2.0
+    );
+    assert_eq!(metric(&text, "journaled_job_retries_total"), 1.0);
+    assert_eq!(metric(&text, "journaled_jobs_killed_total"), 0.0);
+    worker.stop().await;
+}

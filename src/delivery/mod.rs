@@ -1,6 +1,7 @@
 //! The delivery worker: claim due jobs with a lease, publish them, delete what was delivered,
 //! and retry the rest with backoff. No row lock or transaction is held across a network call.
 
+pub mod metrics;
 mod publish;
 
 use std::collections::HashSet;
@@ -46,6 +47,8 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Exit once nothing is due and nothing is in flight.
     pub drain: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when `None`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +66,7 @@ impl Default for WorkerConfig {
             max_request_bytes: 5 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             drain: false,
+            metrics_addr: None,
         }
     }
 }
@@ -119,6 +123,7 @@ pub struct Worker<DB: Backend> {
     config: WorkerConfig,
     id: String,
     stats: Arc<WorkerStats>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl<DB: Backend> std::fmt::Debug for Worker<DB> {
@@ -144,6 +149,7 @@ struct Shared<DB: Backend> {
     sink: Arc<dyn Sink>,
     config: WorkerConfig,
     stats: Arc<WorkerStats>,
+    metrics: Arc<metrics::Metrics>,
     in_flight: Mutex<HashSet<String>>,
 }
 
@@ -157,12 +163,18 @@ impl<DB: Backend> Worker<DB> {
             config,
             id: worker_id(),
             stats: Arc::default(),
+            metrics: Arc::default(),
         })
     }
 
     /// This worker's lease owner name (`host:pid:random`).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Its metrics (what `--metrics-addr` serves).
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
     }
 
     /// Its counters, shared with the running worker.
@@ -180,13 +192,27 @@ impl<DB: Backend> Worker<DB> {
             config,
             id,
             stats,
+            metrics,
         } = self;
+        let metrics_server = match config.metrics_addr {
+            Some(addr) => {
+                let listener = metrics::bind(addr).await?;
+                tracing::info!(%addr, "serving metrics on /metrics");
+                Some(tokio::spawn(metrics::serve(
+                    listener,
+                    pool.clone(),
+                    metrics.clone(),
+                )))
+            }
+            None => None,
+        };
         tracing::info!(worker = %id, batch_size = config.batch_size, concurrency = config.concurrency, "worker started");
         let shared = Arc::new(Shared {
             pool,
             sink,
             config,
             stats,
+            metrics,
             in_flight: Mutex::new(HashSet::new()),
         });
         let config = &shared.config;
@@ -249,6 +275,9 @@ impl<DB: Backend> Worker<DB> {
         if let Some(listener) = listener {
             listener.abort();
         }
+        if let Some(server) = metrics_server {
+            server.abort();
+        }
         let finished = tokio::time::timeout(config.shutdown_timeout, async {
             while units.join_next().await.is_some() {}
         })
@@ -289,11 +318,9 @@ async fn deliver<DB: Backend>(
         config.max_request_bytes,
     );
     let span = tracing::debug_span!("publish", owner = %owner, jobs = jobs.len(), requests = requests.len());
-    let results = futures_util::future::join_all(
-        requests
-            .into_iter()
-            .map(|(stream, slots)| publish::send(shared.sink.as_ref(), stream, slots, &jobs)),
-    )
+    let results = futures_util::future::join_all(requests.into_iter().map(|(stream, slots)| {
+        publish::send(shared.sink.as_ref(), &shared.metrics, stream, slots, &jobs)
+    }))
     .instrument(span)
     .await;
     let mut jobs = jobs;
@@ -308,6 +335,7 @@ async fn deliver<DB: Backend>(
 
 async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]) {
     let stats = &shared.stats;
+    let metrics = &shared.metrics;
     let now = OffsetDateTime::now_utc();
     let mut done: Vec<JobId> = Vec::new();
     for job in jobs {
@@ -317,6 +345,11 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
             stats
                 .delivered_events
                 .fetch_add(delivered, Ordering::Relaxed);
+            metrics.events_delivered.inc_by(delivered);
+            let latency = (now - job.claimed.created_at).as_seconds_f64().max(0.0);
+            for _ in 0..delivered {
+                metrics.delivery_latency.observe(latency);
+            }
         }
         if job.records.is_ok() && failed == 0 {
             done.push(job.claimed.id);
@@ -339,9 +372,11 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
         match DB::reschedule(&shared.pool, owner, &update).await {
             Ok(true) if update.dead => {
                 stats.dead_jobs.fetch_add(1, Ordering::Relaxed);
+                metrics.dead.inc();
             }
             Ok(true) => {
                 stats.retried_jobs.fetch_add(1, Ordering::Relaxed);
+                metrics.retries.inc();
             }
             Ok(false) => {
                 stats.lost_leases.fetch_add(1, Ordering::Relaxed);

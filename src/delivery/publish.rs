@@ -6,6 +6,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::WorkerConfig;
+use super::metrics::{CodeLabel, Metrics, OutcomeLabel};
 use crate::kinesis::{ErrorClass, Failure, OutRecord, Sink};
 use crate::store::{BoxFuture, Claimed, Reschedule, StoredRecord, decode_records, encode_stored};
 
@@ -77,6 +78,7 @@ pub(crate) fn chunk(
 /// fault stands alone, which is then permanent. The other records are delivered.
 pub(crate) fn send<'a>(
     sink: &'a dyn Sink,
+    metrics: &'a Metrics,
     stream: &'a str,
     mut slots: Vec<Slot>,
     jobs: &'a [JobState],
@@ -92,14 +94,49 @@ pub(crate) fn send<'a>(
                 }
             })
             .collect();
-        match sink.put_records(stream, &out).await {
+        let started = std::time::Instant::now();
+        let result = sink.put_records(stream, &out).await;
+        metrics
+            .request_latency
+            .observe(started.elapsed().as_secs_f64());
+        metrics.records_per_request.observe(out.len() as f64);
+        let bytes: usize = out
+            .iter()
+            .map(|r| r.data.len() + r.partition_key.len())
+            .sum();
+        metrics.bytes_per_request.observe(bytes as f64);
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics
+            .requests
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        match &result {
+            Ok(results) => {
+                for failure in results.iter().flatten() {
+                    let code = CodeLabel {
+                        code: failure.code.clone(),
+                    };
+                    metrics.records_failed.get_or_create(&code).inc();
+                }
+            }
+            Err(failure) => {
+                let code = CodeLabel {
+                    code: failure.code.clone(),
+                };
+                metrics
+                    .records_failed
+                    .get_or_create(&code)
+                    .inc_by(out.len() as u64);
+            }
+        }
+        match result {
             Ok(results) => slots.into_iter().zip(results).collect(),
             Err(failure) if failure.class == ErrorClass::Invalid && slots.len() > 1 => {
                 tracing::debug!(stream, records = slots.len(), code = %failure.code, "request refused as invalid; splitting it");
                 let right = slots.split_off(slots.len() / 2);
                 let (mut a, b) = futures_util::future::join(
-                    send(sink, stream, slots, jobs),
-                    send(sink, stream, right, jobs),
+                    send(sink, metrics, stream, slots, jobs),
+                    send(sink, metrics, stream, right, jobs),
                 )
                 .await;
                 a.extend(b);
