@@ -86,6 +86,50 @@ pub struct Emulator {
     child: Child,
     pub port: u16,
     pub kind: Kind,
+    path: Option<PathBuf>,
+}
+
+async fn spawn(kind: Kind, port: u16, path: Option<&std::path::Path>) -> Result<Child, String> {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(tools())
+        .arg("-r")
+        .arg("./localhost-only.js")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    match kind {
+        Kind::Kinesalite => {
+            cmd.args([
+                "node_modules/kinesalite/cli.js",
+                "--createStreamMs",
+                "0",
+                "--port",
+            ])
+            .arg(port.to_string());
+            if let Some(path) = path {
+                cmd.arg("--path").arg(path);
+            }
+        }
+        Kind::KinesisMock => {
+            cmd.arg("node_modules/kinesis-local/main.js")
+                .env("KINESIS_MOCK_PLAIN_PORT", port.to_string())
+                .env("KINESIS_MOCK_TLS_PORT", free_port().to_string())
+                .env(
+                    "KINESIS_MOCK_CERT_PATH",
+                    tools().join("node_modules/kinesis-local/server.json"),
+                )
+                .env("CREATE_STREAM_DURATION", "0ms")
+                .env("LOG_LEVEL", "ERROR");
+        }
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run node ({e}): install Node.js"))?;
+    if let Err(e) = wait_for_port(port, &mut child).await {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
 }
 
 impl Emulator {
@@ -100,43 +144,39 @@ impl Emulator {
     pub async fn try_start(kind: Kind) -> Result<Emulator, String> {
         install()?;
         let port = free_port();
-        let mut cmd = Command::new("node");
-        cmd.current_dir(tools())
-            .arg("-r")
-            .arg("./localhost-only.js")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        match kind {
-            Kind::Kinesalite => {
-                cmd.args([
-                    "node_modules/kinesalite/cli.js",
-                    "--createStreamMs",
-                    "0",
-                    "--port",
-                ])
-                .arg(port.to_string());
-            }
-            Kind::KinesisMock => {
-                cmd.arg("node_modules/kinesis-local/main.js")
-                    .env("KINESIS_MOCK_PLAIN_PORT", port.to_string())
-                    .env("KINESIS_MOCK_TLS_PORT", free_port().to_string())
-                    .env(
-                        "KINESIS_MOCK_CERT_PATH",
-                        tools().join("node_modules/kinesis-local/server.json"),
-                    )
-                    .env("CREATE_STREAM_DURATION", "0ms")
-                    .env("LOG_LEVEL", "ERROR");
-            }
+        let child = spawn(kind, port, None).await?;
+        Ok(Emulator {
+            child,
+            port,
+            kind,
+            path: None,
+        })
+    }
+
+    /// kinesalite keeping its data in `dir`, so it survives [`restart`](Self::restart).
+    pub async fn start_persistent(dir: &std::path::Path) -> Emulator {
+        install().unwrap();
+        let port = free_port();
+        let child = spawn(Kind::Kinesalite, port, Some(dir)).await.unwrap();
+        Emulator {
+            child,
+            port,
+            kind: Kind::Kinesalite,
+            path: Some(dir.to_owned()),
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run node ({e}): install Node.js"))?;
-        if let Err(e) = wait_for_port(port, &mut child).await {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-        Ok(Emulator { child, port, kind })
+    }
+
+    /// Kills the emulator; the port refuses connections until [`start_again`](Self::start_again).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port (with the same data when persistent).
+    pub async fn start_again(&mut self) {
+        self.child = spawn(self.kind, self.port, self.path.as_deref())
+            .await
+            .unwrap();
     }
 
     pub fn endpoint(&self) -> String {
