@@ -83,7 +83,7 @@ fn seconds(value: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs <= 0.0 {
         return Err(format!("`{value}` must be a positive number of seconds"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{value}` is too many seconds"))
 }
 
 fn millis(value: &str) -> Result<Duration, String> {
@@ -397,7 +397,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
             };
             match job {
                 Some(id) if n == 0 => {
-                    return Err(Error::Config(format!("there is no job {id}")));
+                    return Err(Error::Config(format!(
+                        "there is no job {id} to retry (or a worker holds its lease right now)"
+                    )));
                 }
                 Some(id) => println!("journaled: job {id} is due now"),
                 None => println!("journaled: {n} dead jobs are due again"),

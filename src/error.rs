@@ -81,6 +81,16 @@ pub enum Error {
         /// The event type.
         event_type: String,
     },
+    /// The stream name is not a valid Kinesis stream name.
+    #[error(
+        "event `{event_type}` has an invalid stream name `{stream}`: use 1 to 128 of a-z, A-Z, 0-9, _ . -"
+    )]
+    InvalidStreamName {
+        /// The event type.
+        event_type: String,
+        /// The refused name.
+        stream: String,
+    },
     /// The partition key is empty or longer than 256 characters.
     #[error("event `{event_type}` has an invalid partition key: {reason}")]
     InvalidPartitionKey {

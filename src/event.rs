@@ -161,6 +161,7 @@ pub(crate) fn prepare<E: Event>(
             event_type: event_type.to_owned(),
         });
     }
+    check_stream_name(event_type, &stream)?;
 
     let id = EventId::new();
     let now = OffsetDateTime::now_utc();
@@ -207,6 +208,22 @@ pub(crate) fn prepare<E: Event>(
     })
 }
 
+/// Kinesis stream names: 1 to 128 of `a-z A-Z 0-9 _ . -`.
+fn check_stream_name(event_type: &str, stream: &str) -> Result<(), Error> {
+    let valid = stream.len() <= 128
+        && stream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidStreamName {
+            event_type: event_type.to_owned(),
+            stream: stream.to_owned(),
+        })
+    }
+}
+
 fn check_partition_key(event_type: &str, key: &str) -> Result<(), Error> {
     let reason = if key.is_empty() {
         "it is empty".to_owned()
@@ -247,6 +264,16 @@ mod tests {
             format_time(datetime!(2026-11-23 01:02:03 UTC)),
             "2026-11-23T01:02:03.000+00:00"
         );
+    }
+
+    #[test]
+    fn stream_names_follow_the_kinesis_rules() {
+        assert!(check_stream_name("e", "my_app.events-1").is_ok());
+        assert!(check_stream_name("e", &"s".repeat(128)).is_ok());
+        for bad in ["has space", "slash/name", &"s".repeat(129), "é"] {
+            let err = check_stream_name("e", bad).unwrap_err();
+            assert!(err.to_string().contains("invalid stream name"), "{err}");
+        }
     }
 
     #[test]

@@ -160,6 +160,7 @@ impl<DB: Backend> Journaled<DB> {
             staged: Vec::new(),
             parent: None,
             shared: self.shared.clone(),
+            report: true,
         }
     }
 
@@ -175,12 +176,19 @@ impl<DB: Backend> Journaled<DB> {
     /// app_tx.commit().await?;   // the job exists if and only if this commits
     /// # Ok(()) }
     /// ```
+    ///
+    /// Inside an outer transaction, the events are committed only when that one is, which
+    /// journaled cannot see: they are not reported to [`on_enqueue`](Self::on_enqueue)
+    /// subscribers or to `testing::capture`.
     pub async fn begin_on<'c>(
         &self,
         conn: &'c mut DB::Connection,
     ) -> Result<Transaction<'c, DB>, Error> {
+        let nested = sqlx::Connection::is_in_transaction(&*conn);
         let tx = sqlx::Connection::begin(conn).await?;
-        Ok(self.wrap(tx))
+        let mut tx = self.wrap(tx);
+        tx.report = !nested;
+        Ok(tx)
     }
 
     /// Validates and serializes `event` without writing anything: the same checks `journal!` makes.
@@ -227,6 +235,8 @@ pub struct Transaction<'c, DB: Backend> {
     /// A savepoint hands its events to its parent on release.
     parent: Option<&'c mut Vec<Prepared>>,
     shared: Arc<Shared>,
+    /// Whether committing this transaction really commits (false inside an outer one).
+    report: bool,
 }
 
 impl<DB: Backend> std::fmt::Debug for Transaction<'_, DB> {
@@ -285,6 +295,7 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
             staged: Vec::new(),
             parent: Some(&mut self.staged),
             shared: self.shared.clone(),
+            report: false,
         })
     }
 
@@ -296,6 +307,7 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
             staged,
             parent,
             shared,
+            report,
         } = self;
         if let Some(parent) = parent {
             tx.commit().await?;
@@ -310,7 +322,9 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         let ids = DB::insert_jobs(&mut tx, &jobs).await?;
         tx.commit().await?;
         log_enqueued(&jobs, &ids, &staged);
-        shared.enqueued(&staged);
+        if report {
+            shared.enqueued(&staged);
+        }
         Ok(())
     }
 

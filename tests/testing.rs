@@ -256,3 +256,39 @@ async fn subscribers_count_enqueued_events_by_type() {
         ]
     );
 }
+
+/// Events journaled through a savepoint on the application's own transaction are committed only
+/// with it, so they are not reported as enqueued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_on_an_outer_transaction_are_not_reported_early() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let ((), captured) = capture(async {
+        let mut app_tx = db.pool.begin().await.unwrap();
+        let mut jtx = journaled.begin_on(&mut app_tx).await.unwrap();
+        journal!(
+            jtx,
+            TestEvent {
+                name: "inside".into(),
+                count: 1
+            }
+        )
+        .unwrap();
+        jtx.commit().await.unwrap();
+        app_tx.rollback().await.unwrap();
+        let mut conn = db.pool.acquire().await.unwrap();
+        let mut jtx = journaled.begin_on(&mut conn).await.unwrap();
+        journal!(
+            jtx,
+            TestEvent {
+                name: "own transaction".into(),
+                count: 1
+            }
+        )
+        .unwrap();
+        jtx.commit().await.unwrap();
+    })
+    .await;
+    captured.assert_not(&[Expect::event(json!({"name": "inside"}))]);
+    captured.assert(&[Expect::event(json!({"name": "own transaction"}))]);
+}

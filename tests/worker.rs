@@ -737,3 +737,68 @@ async fn metrics_move_after_delivery_and_throttling() {
     assert_eq!(metric(&text, "journaled_jobs_killed_total"), 0.0);
     worker.stop().await;
 }
+
+/// The store's settle operations: a split-off dead job and the retry guard on leased jobs.
+async fn reschedule_splits_and_retry_spares_leased_jobs<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    use journaled::store::{DeadSplit, Reschedule};
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 1, 3).await;
+    let job = journaled.jobs().await.unwrap().remove(0);
+    let records = job.records().unwrap();
+    let claimed = DB::claim(&db.pool, "owner-1", 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        journaled::store::retry(&db.pool, Some(job.id))
+            .await
+            .unwrap(),
+        0,
+        "a leased job is not retried"
+    );
+
+    let update = Reschedule {
+        id: job.id,
+        records: Some((serde_json::to_string(&[&records[1]]).unwrap(), 1)),
+        attempts: 1,
+        transient_failures: 0,
+        run_at: time::OffsetDateTime::now_utc(),
+        last_error: "throttled".into(),
+        dead: false,
+        split_dead: Some(DeadSplit {
+            records: serde_json::to_string(&[&records[0]]).unwrap(),
+            event_count: 1,
+            last_error: "permanently refused".into(),
+        }),
+    };
+    assert!(
+        !DB::reschedule(&db.pool, "someone-else", &update)
+            .await
+            .unwrap(),
+        "the owner guards it"
+    );
+    assert!(DB::reschedule(&db.pool, "owner-1", &update).await.unwrap());
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 2);
+    let (live, dead) = (&jobs[0], &jobs[1]);
+    assert_eq!(
+        (live.event_count, live.dead_at.is_none(), live.attempts),
+        (1, true, 1)
+    );
+    assert_eq!(live.records().unwrap()[0].id, records[1].id);
+    assert_eq!((dead.event_count, dead.dead_at.is_some()), (1, true));
+    assert_eq!(dead.records().unwrap()[0].id, records[0].id);
+    assert_eq!(dead.last_error.as_deref(), Some("permanently refused"));
+    assert_eq!(
+        (dead.priority, dead.created_at),
+        (live.priority, live.created_at)
+    );
+    assert_eq!(
+        journaled::store::retry(&db.pool, Some(dead.id))
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+on_both_backends!(reschedule_splits_and_retry_spares_leased_jobs);

@@ -3,7 +3,8 @@ CREATE TABLE journaled.jobs (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     priority       integer     NOT NULL DEFAULT 20,
     run_at         timestamptz NOT NULL DEFAULT now(),
-    attempts       integer     NOT NULL DEFAULT 0,
+    attempts       integer     NOT NULL DEFAULT 0,  -- failed deliveries, any cause (drives backoff)
+    transient_failures integer NOT NULL DEFAULT 0,  -- those that count toward max attempts
     locked_by      text,
     locked_until   timestamptz,
     last_error     text,

@@ -5,6 +5,7 @@ CREATE TABLE journaled_jobs (
     priority       INTEGER NOT NULL DEFAULT 20,
     run_at         INTEGER NOT NULL,
     attempts       INTEGER NOT NULL DEFAULT 0,
+    transient_failures INTEGER NOT NULL DEFAULT 0,
     locked_by      TEXT,
     locked_until   INTEGER,
     last_error     TEXT,

@@ -20,6 +20,15 @@ use crate::kinesis::{ErrorClass, Sink};
 use crate::store::{Backend, Claimed, JobId};
 use publish::JobState;
 
+/// `PutRecords` requests one claimed batch keeps in flight at most.
+const REQUESTS_PER_BATCH: usize = 8;
+
+/// Consecutive failed claims after which a draining worker gives up.
+const DRAIN_CLAIM_FAILURES: u32 = 10;
+
+/// The longest lease, backoff or timeout a setting may ask for.
+const MAX_SETTING: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Worker settings. Every one has a `journaled worker` flag and an environment variable.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -92,6 +101,20 @@ impl WorkerConfig {
         }
         if self.lease.is_zero() {
             return bad("the lease must be longer than zero");
+        }
+        for (name, value) in [
+            ("lease", self.lease),
+            ("backoff max", self.backoff_max),
+            ("configuration backoff", self.configuration_backoff),
+            ("shutdown timeout", self.shutdown_timeout),
+            ("poll interval", self.poll_interval),
+        ] {
+            if value > MAX_SETTING {
+                return Err(Error::Config(format!("the {name} must be at most 7 days")));
+            }
+        }
+        if self.backoff_base > self.backoff_max {
+            return bad("the backoff base must not exceed the backoff max");
         }
         Ok(())
     }
@@ -222,11 +245,15 @@ impl<DB: Backend> Worker<DB> {
         let mut units: JoinSet<()> = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut sequence: u64 = 0;
+        let mut claim_failures: u32 = 0;
+        let mut outcome = Ok(());
 
         loop {
+            // `biased`: once shutdown is asked for, no new batch is claimed.
             let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+                biased;
                 () = &mut shutdown => break,
+                permit = permits.clone().acquire_owned() => permit.expect("never closed"),
             };
             while units.try_join_next().is_some() {}
             sequence += 1;
@@ -235,13 +262,23 @@ impl<DB: Backend> Worker<DB> {
                 .instrument(tracing::debug_span!("claim", owner = %owner))
                 .await;
             let claimed = match claimed {
-                Ok(claimed) => claimed,
+                Ok(claimed) => {
+                    claim_failures = 0;
+                    claimed
+                }
                 Err(e) => {
+                    claim_failures += 1;
+                    if config.drain && claim_failures >= DRAIN_CLAIM_FAILURES {
+                        tracing::error!(error = %e, "claiming jobs keeps failing; giving up the drain");
+                        outcome = Err(e);
+                        break;
+                    }
                     tracing::warn!(error = %e, "claiming jobs failed; trying again");
                     drop(permit);
                     tokio::select! {
-                        () = tokio::time::sleep(config.poll_interval) => {}
+                        biased;
                         () = &mut shutdown => break,
+                        () = tokio::time::sleep(config.poll_interval) => {}
                     }
                     continue;
                 }
@@ -249,16 +286,22 @@ impl<DB: Backend> Worker<DB> {
             if claimed.is_empty() {
                 drop(permit);
                 if config.drain {
-                    if units.join_next().await.is_none() {
+                    if units.is_empty() {
                         break;
+                    }
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        _ = units.join_next() => {}
                     }
                     continue;
                 }
                 tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
                     () = wake.notified() => {}
                     () = tokio::time::sleep(config.poll_interval) => {}
                     Some(_) = units.join_next(), if !units.is_empty() => {}
-                    () = &mut shutdown => break,
                 }
                 continue;
             }
@@ -300,7 +343,7 @@ impl<DB: Backend> Worker<DB> {
             }
         }
         tracing::info!(worker = %id, "worker stopped");
-        Ok(())
+        outcome
     }
 }
 
@@ -318,11 +361,37 @@ async fn deliver<DB: Backend>(
         config.max_request_bytes,
     );
     let span = tracing::debug_span!("publish", owner = %owner, jobs = jobs.len(), requests = requests.len());
-    let results = futures_util::future::join_all(requests.into_iter().map(|(stream, slots)| {
-        publish::send(shared.sink.as_ref(), &shared.metrics, stream, slots, &jobs)
-    }))
-    .instrument(span)
-    .await;
+    // At most REQUESTS_PER_BATCH requests in flight, and nothing past the publish deadline
+    // (well within the lease): records whose request did not complete stay "not attempted"
+    // and are retried.
+    let deadline = tokio::time::Instant::now() + config.lease.mul_f64(0.8);
+    let mut results = Vec::new();
+    {
+        use futures_util::StreamExt;
+        let sends: Vec<_> = requests
+            .into_iter()
+            .map(|(stream, slots)| {
+                publish::send(shared.sink.as_ref(), &shared.metrics, stream, slots, &jobs)
+            })
+            .collect();
+        let mut sends = futures_util::stream::iter(sends).buffer_unordered(REQUESTS_PER_BATCH);
+        async {
+            loop {
+                match tokio::time::timeout_at(deadline, sends.next()).await {
+                    Ok(Some(done)) => results.push(done),
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::warn!(
+                            "publishing ran into the lease deadline; the rest is retried"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
     let mut jobs = jobs;
     for ((j, r), outcome) in results.into_iter().flatten() {
         jobs[j].outcomes[r] = outcome;

@@ -8,7 +8,9 @@ use time::OffsetDateTime;
 use super::WorkerConfig;
 use super::metrics::{CodeLabel, Metrics, OutcomeLabel};
 use crate::kinesis::{ErrorClass, Failure, OutRecord, Sink};
-use crate::store::{BoxFuture, Claimed, Reschedule, StoredRecord, decode_records, encode_stored};
+use crate::store::{
+    BoxFuture, Claimed, DeadSplit, Reschedule, StoredRecord, decode_records, encode_stored,
+};
 
 /// (job index, record index) within a batch.
 pub(crate) type Slot = (usize, usize);
@@ -23,8 +25,10 @@ pub(crate) struct JobState {
 impl JobState {
     pub fn decode(claimed: Claimed) -> Self {
         let records = decode_records(&claimed.records);
+        // Every record counts as not attempted until the sink says otherwise: nothing is
+        // taken as delivered without an acknowledgement.
         let outcomes = match &records {
-            Ok(records) => vec![None; records.len()],
+            Ok(records) => vec![Some(not_attempted()); records.len()],
             Err(_) => Vec::new(),
         };
         JobState {
@@ -32,6 +36,15 @@ impl JobState {
             records,
             outcomes,
         }
+    }
+}
+
+/// The outcome of a record whose request never completed.
+pub(crate) fn not_attempted() -> Failure {
+    Failure {
+        class: ErrorClass::Transient,
+        code: "not_attempted".into(),
+        message: "the request did not complete before the delivery deadline".into(),
     }
 }
 
@@ -130,16 +143,25 @@ pub(crate) fn send<'a>(
             }
         }
         match result {
+            Ok(results) if results.len() != slots.len() => {
+                let failure = Failure {
+                    class: ErrorClass::Transient,
+                    code: "response".into(),
+                    message: format!("{} results for {} records", results.len(), slots.len()),
+                };
+                slots
+                    .into_iter()
+                    .map(|s| (s, Some(failure.clone())))
+                    .collect()
+            }
             Ok(results) => slots.into_iter().zip(results).collect(),
             Err(failure) if failure.class == ErrorClass::Invalid && slots.len() > 1 => {
                 tracing::debug!(stream, records = slots.len(), code = %failure.code, "request refused as invalid; splitting it");
+                // One half after the other: a request-wide refusal costs 2n-1 requests, but
+                // never n at once.
                 let right = slots.split_off(slots.len() / 2);
-                let (mut a, b) = futures_util::future::join(
-                    send(sink, metrics, stream, slots, jobs),
-                    send(sink, metrics, stream, right, jobs),
-                )
-                .await;
-                a.extend(b);
+                let mut a = send(sink, metrics, stream, slots, jobs).await;
+                a.extend(send(sink, metrics, stream, right, jobs).await);
                 a
             }
             Err(failure) if failure.class == ErrorClass::Invalid => {
@@ -167,69 +189,105 @@ pub(crate) fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration 
     full.mul_f64(0.5 + fastrand::f64() * 0.5)
 }
 
+fn describe(record: &StoredRecord, failure: &Failure, failed: usize, total: usize) -> String {
+    format!(
+        "{failed} of {total} records failed; event {} on stream {}: {failure}",
+        record.id, record.stream
+    )
+}
+
 /// What becomes of a job some of whose records failed.
+///
+/// - Records refused for good are dead: alone, the job is dead; beside retryable records, they
+///   are split off into a dead job of their own and the rest is retried.
+/// - Only transient failures count toward `max_attempts`; throttling and configuration errors
+///   never make a job dead.
 pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig, now: OffsetDateTime) -> Reschedule {
     let attempts = job.claimed.attempts.saturating_add(1);
-    let (remaining, failures): (Vec<&StoredRecord>, Vec<(&StoredRecord, &Failure)>) =
-        match &job.records {
-            Ok(records) => {
-                let failed: Vec<(&StoredRecord, &Failure)> = records
-                    .iter()
-                    .zip(&job.outcomes)
-                    .filter_map(|(record, outcome)| outcome.as_ref().map(|f| (record, f)))
-                    .collect();
-                (failed.iter().map(|(r, _)| *r).collect(), failed)
-            }
-            Err(message) => {
-                return Reschedule {
-                    id: job.claimed.id,
-                    records: None,
-                    attempts,
-                    run_at: now,
-                    last_error: format!("corrupt job: {message}"),
-                    dead: true,
-                };
-            }
+    let records = match &job.records {
+        Ok(records) => records,
+        Err(message) => {
+            return Reschedule {
+                id: job.claimed.id,
+                records: None,
+                attempts,
+                transient_failures: job.claimed.transient_failures,
+                run_at: now,
+                last_error: format!("corrupt job: {message}"),
+                dead: true,
+                split_dead: None,
+            };
+        }
+    };
+    let failed: Vec<(&StoredRecord, &Failure)> = records
+        .iter()
+        .zip(&job.outcomes)
+        .filter_map(|(record, outcome)| outcome.as_ref().map(|f| (record, f)))
+        .collect();
+    let total = job.outcomes.len();
+    let (permanent, retryable): (Vec<_>, Vec<_>) = failed
+        .into_iter()
+        .partition(|(_, f)| f.class == ErrorClass::Permanent);
+    let encode = |list: &[(&StoredRecord, &Failure)]| {
+        (
+            encode_stored(list.iter().map(|(r, _)| *r)),
+            list.len() as i32,
+        )
+    };
+    let permanent_error = permanent.first().map(|(r, f)| {
+        format!(
+            "permanently refused: {}",
+            describe(r, f, permanent.len(), total)
+        )
+    });
+    if retryable.is_empty() {
+        return Reschedule {
+            id: job.claimed.id,
+            records: Some(encode(&permanent)),
+            attempts,
+            transient_failures: job.claimed.transient_failures,
+            run_at: now,
+            last_error: permanent_error.expect("a failed record"),
+            dead: true,
+            split_dead: None,
         };
-    let worst = |class: ErrorClass| failures.iter().find(|(_, f)| f.class == class);
-    let (dead, delay, (record, failure)) = if let Some(found) = worst(ErrorClass::Permanent) {
-        (true, Duration::ZERO, *found)
-    } else if let Some(found) = worst(ErrorClass::Configuration) {
+    }
+    let find = |class: ErrorClass| retryable.iter().find(|(_, f)| f.class == class);
+    let transient = find(ErrorClass::Transient);
+    let transient_failures = job
+        .claimed
+        .transient_failures
+        .saturating_add(i32::from(transient.is_some()));
+    let (delay, (record, failure)) = if let Some(found) = find(ErrorClass::Configuration) {
         let delay = config
             .configuration_backoff
             .mul_f64(0.75 + fastrand::f64() * 0.5);
-        (false, delay, *found)
-    } else if let Some(found) = worst(ErrorClass::Transient) {
+        (delay, *found)
+    } else {
+        let found = transient.unwrap_or(&retryable[0]);
         (
-            attempts >= config.max_attempts,
             backoff(attempts, config.backoff_base, config.backoff_max),
             *found,
         )
-    } else {
-        let (record, failure) = failures[0];
-        (
-            false,
-            backoff(attempts, config.backoff_base, config.backoff_max),
-            (record, failure),
-        )
     };
-    let last_error = format!(
-        "{} of {} records failed; event {} on stream {}: {failure}",
-        failures.len(),
-        job.outcomes.len(),
-        record.id,
-        record.stream
-    );
     Reschedule {
         id: job.claimed.id,
-        records: Some((
-            encode_stored(remaining.iter().copied()),
-            remaining.len() as i32,
-        )),
+        records: Some(encode(&retryable)),
         attempts,
-        run_at: now + delay,
-        last_error,
-        dead,
+        transient_failures,
+        run_at: now
+            .checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::DAY))
+            .unwrap_or(now),
+        last_error: describe(record, failure, retryable.len(), total),
+        dead: transient_failures >= config.max_attempts,
+        split_dead: permanent_error.map(|last_error| {
+            let (records, event_count) = encode(&permanent);
+            DeadSplit {
+                records,
+                event_count,
+                last_error,
+            }
+        }),
     }
 }
 
@@ -252,13 +310,22 @@ mod tests {
                 .zip(&ids)
                 .map(|(((stream, _), data), id)| (*id, *stream, "k", data.as_str())),
         );
-        JobState::decode(Claimed {
+        let mut state = JobState::decode(Claimed {
             id: JobId(1),
             priority: 20,
             attempts,
+            transient_failures: attempts,
             records: encoded,
             created_at: OffsetDateTime::now_utc(),
-        })
+        });
+        assert!(
+            state
+                .outcomes
+                .iter()
+                .all(|o| o.as_ref().unwrap().code == "not_attempted")
+        );
+        state.outcomes.fill(None);
+        state
     }
 
     #[test]
@@ -336,11 +403,51 @@ mod tests {
     }
 
     #[test]
+    fn throttling_and_configuration_errors_do_not_use_up_attempts() {
+        let config = WorkerConfig {
+            max_attempts: 25,
+            ..WorkerConfig::default()
+        };
+        let mut state = job(0, &[("a", 1)]);
+        state.claimed.attempts = 24; // 24 throttled deliveries before
+        state.outcomes[0] = failure(ErrorClass::Transient);
+        let r = reschedule(&state, &config, OffsetDateTime::now_utc());
+        assert_eq!((r.attempts, r.transient_failures, r.dead), (25, 1, false));
+    }
+
+    #[test]
+    fn a_refused_record_is_split_off_and_the_rest_retried() {
+        let mut state = job(0, &[("a", 1), ("a", 2), ("a", 3)]);
+        state.outcomes[0] = failure(ErrorClass::Permanent);
+        state.outcomes[1] = failure(ErrorClass::Throttled);
+        let r = reschedule(&state, &WorkerConfig::default(), OffsetDateTime::now_utc());
+        assert!(!r.dead);
+        let (records, count) = r.records.unwrap();
+        assert_eq!(count, 1);
+        assert_eq!(
+            decode_records(&records).unwrap()[0].id,
+            state.records.as_ref().unwrap()[1].id
+        );
+        let split = r.split_dead.unwrap();
+        assert_eq!(split.event_count, 1);
+        assert_eq!(
+            decode_records(&split.records).unwrap()[0].id,
+            state.records.as_ref().unwrap()[0].id
+        );
+        assert!(
+            split.last_error.starts_with("permanently refused"),
+            "{}",
+            split.last_error
+        );
+    }
+
+    #[test]
     fn corrupt_jobs_are_dead_with_the_reason() {
         let state = JobState::decode(Claimed {
             id: JobId(9),
             priority: 20,
             attempts: 0,
+            transient_failures: 0,
             records: "[{\"id\":".into(),
             created_at: OffsetDateTime::now_utc(),
         });

@@ -81,7 +81,7 @@ impl Job {
 }
 
 /// One event as stored in a job: where it goes and its exact bytes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct StoredRecord {
     /// The event id.
     pub id: EventId,
@@ -234,6 +234,8 @@ pub struct Claimed {
     pub priority: i32,
     /// Failed deliveries so far.
     pub attempts: i32,
+    /// Failed deliveries that count toward the attempt limit (transient errors).
+    pub transient_failures: i32,
     /// The encoded records.
     pub records: String,
     /// When it was inserted (the commit time, near enough).
@@ -249,12 +251,28 @@ pub struct Reschedule {
     pub records: Option<(String, i32)>,
     /// Failed deliveries, this one included.
     pub attempts: i32,
+    /// Failed deliveries that count toward the attempt limit, this one included if transient.
+    pub transient_failures: i32,
     /// When to try again.
     pub run_at: OffsetDateTime,
     /// Why it failed.
     pub last_error: String,
     /// Give up: keep it, with its error, until `journaled retry`.
     pub dead: bool,
+    /// Records refused for good, split off into a dead job of their own (same priority and
+    /// created_at) so that the job's retryable records go on.
+    pub split_dead: Option<DeadSplit>,
+}
+
+/// Records split off a job into a new dead job.
+#[derive(Debug, Clone)]
+pub struct DeadSplit {
+    /// The encoded records.
+    pub records: String,
+    /// How many.
+    pub event_count: i32,
+    /// Why they were refused.
+    pub last_error: String,
 }
 
 /// The queue at a glance, as `journaled status` shows it.
@@ -328,7 +346,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// The queue's figures.
     fn status(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<Status, Error>>;
 
-    /// Makes one job (dead or not), or every dead job, due now with no attempts.
+    /// Makes one job (dead, or pending and not leased), or every dead job, due now with no
+    /// attempts.
     fn retry(pool: &sqlx::Pool<Self>, job: Option<JobId>) -> BoxFuture<'_, Result<u64, Error>>;
 
     /// Wakes `notify` whenever jobs are committed, where the backend can tell (PostgreSQL

@@ -146,7 +146,7 @@ async fn claim(
              locked_until = now() + make_interval(secs => $3), \
              run_at = now() + make_interval(secs => $3) \
          FROM due WHERE j.id = due.id \
-         RETURNING j.id, j.priority, j.attempts, j.records, j.created_at",
+         RETURNING j.id, j.priority, j.attempts, j.transient_failures, j.records, j.created_at",
     )
     .bind(limit)
     .bind(owner)
@@ -160,6 +160,7 @@ async fn claim(
                 id: JobId(row.try_get("id")?),
                 priority: row.try_get("priority")?,
                 attempts: row.try_get("attempts")?,
+                transient_failures: row.try_get("transient_failures")?,
                 records: row.try_get("records")?,
                 created_at: row.try_get("created_at")?,
             })
@@ -182,10 +183,13 @@ async fn complete(pool: &PgPool, owner: &str, ids: &[JobId]) -> Result<u64, Erro
 }
 
 async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool, Error> {
+    // A short transaction (no network call inside): the update and the split-off dead job
+    // happen together or not at all.
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE journaled.jobs SET records = coalesce($3, records), event_count = coalesce($4, event_count), attempts = $5, run_at = $6, \
              last_error = $7, dead_at = CASE WHEN $8 THEN now() END, \
-             locked_by = NULL, locked_until = NULL \
+             transient_failures = $9, locked_by = NULL, locked_until = NULL \
          WHERE id = $1 AND locked_by = $2",
     )
     .bind(job.id.0)
@@ -196,9 +200,28 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
     .bind(job.run_at)
     .bind(&job.last_error)
     .bind(job.dead)
-    .execute(pool)
+    .bind(job.transient_failures)
+    .execute(&mut *tx)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    if let Some(split) = &job.split_dead {
+        sqlx::query(
+            "INSERT INTO journaled.jobs (priority, run_at, attempts, transient_failures, last_error, \
+                 dead_at, created_at, event_count, records) \
+             SELECT priority, now(), attempts, transient_failures, $2, now(), created_at, $3, $4 \
+             FROM journaled.jobs WHERE id = $1",
+        )
+        .bind(job.id.0)
+        .bind(&split.last_error)
+        .bind(split.event_count)
+        .bind(&split.records)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 async fn release(pool: &PgPool, owner: &str) -> Result<u64, Error> {
@@ -240,13 +263,14 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
 async fn retry(pool: &PgPool, job: Option<JobId>) -> Result<u64, Error> {
     let query = match job {
         Some(id) => sqlx::query(
-            "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, run_at = now(), \
-                 locked_by = NULL, locked_until = NULL WHERE id = $1",
+            "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
+                 run_at = now(), locked_by = NULL, locked_until = NULL \
+             WHERE id = $1 AND (dead_at IS NOT NULL OR locked_until IS NULL OR locked_until < now())",
         )
         .bind(id.0),
         None => sqlx::query(
-            "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, run_at = now(), \
-                 locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
+            "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
+                 run_at = now(), locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
         ),
     };
     Ok(query.execute(pool).await?.rows_affected())

@@ -131,7 +131,7 @@ async fn claim(
          WHERE id IN (SELECT id FROM journaled_jobs \
                       WHERE dead_at IS NULL AND run_at <= ?3 \
                       ORDER BY priority, run_at, id LIMIT ?4) \
-         RETURNING id, priority, attempts, records, created_at",
+         RETURNING id, priority, attempts, transient_failures, records, created_at",
     )
     .bind(owner)
     .bind(until)
@@ -146,6 +146,7 @@ async fn claim(
                 id: JobId(row.try_get("id")?),
                 priority: row.try_get("priority")?,
                 attempts: row.try_get("attempts")?,
+                transient_failures: row.try_get("transient_failures")?,
                 records: row.try_get("records")?,
                 created_at: from_millis(row.try_get("created_at")?)?,
             })
@@ -170,10 +171,14 @@ async fn complete(pool: &SqlitePool, owner: &str, ids: &[JobId]) -> Result<u64, 
 
 async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<bool, Error> {
     let now = now_ms();
+    let mut conn = pool.acquire().await?;
+    // A short write transaction (no network call inside): the update and the split-off dead
+    // job happen together or not at all.
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
     let done = sqlx::query(
         "UPDATE journaled_jobs SET records = coalesce(?3, records), event_count = coalesce(?4, event_count), attempts = ?5, run_at = ?6, \
              last_error = ?7, dead_at = CASE WHEN ?8 THEN ?9 END, \
-             locked_by = NULL, locked_until = NULL \
+             transient_failures = ?10, locked_by = NULL, locked_until = NULL \
          WHERE id = ?1 AND locked_by = ?2",
     )
     .bind(job.id.0)
@@ -185,9 +190,29 @@ async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<
     .bind(&job.last_error)
     .bind(job.dead)
     .bind(now)
-    .execute(pool)
+    .bind(job.transient_failures)
+    .execute(&mut *tx)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    if let Some(split) = &job.split_dead {
+        sqlx::query(
+            "INSERT INTO journaled_jobs (priority, run_at, attempts, transient_failures, last_error, \
+                 dead_at, created_at, event_count, records) \
+             SELECT priority, ?2, attempts, transient_failures, ?3, ?2, created_at, ?4, ?5 \
+             FROM journaled_jobs WHERE id = ?1",
+        )
+        .bind(job.id.0)
+        .bind(now)
+        .bind(&split.last_error)
+        .bind(split.event_count)
+        .bind(&split.records)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 async fn release(pool: &SqlitePool, owner: &str) -> Result<u64, Error> {
@@ -234,14 +259,15 @@ async fn retry(pool: &SqlitePool, job: Option<JobId>) -> Result<u64, Error> {
     let now = now_ms();
     let query = match job {
         Some(id) => sqlx::query(
-            "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, run_at = ?1, \
-                 locked_by = NULL, locked_until = NULL WHERE id = ?2",
+            "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
+                 run_at = ?1, locked_by = NULL, locked_until = NULL \
+             WHERE id = ?2 AND (dead_at IS NOT NULL OR locked_until IS NULL OR locked_until < ?1)",
         )
         .bind(now)
         .bind(id.0),
         None => sqlx::query(
-            "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, run_at = ?1, \
-                 locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
+            "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
+                 run_at = ?1, locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
         )
         .bind(now),
     };
