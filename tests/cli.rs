@@ -193,14 +193,10 @@ mod worker_binary {
     }
 
     async fn wait_until_empty(journaled: &Journaled<sqlx::Postgres>, secs: u64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        while !journaled.jobs().await.unwrap().is_empty() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "jobs were not delivered"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::common::wait_until(secs, "every job is delivered", || async {
+            journaled.jobs().await.unwrap().is_empty()
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

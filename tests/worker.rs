@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::kinesis::{Emulator, FaultProxy, Kind, kinesis_config};
-use common::{AppSql, TestDb};
+use common::{AppSql, TestDb, wait_until};
 use journaled::kinesis::KinesisSink;
 use journaled::{Backend, Journaled, Worker, WorkerConfig, WorkerStats, journal};
 use serde::Serialize;
@@ -129,22 +129,6 @@ async fn drain<DB: Backend>(
         .expect("the worker drains in time")
         .unwrap();
     stats
-}
-
-/// Waits until `check` holds, or fails after `secs`.
-async fn wait_until<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Every stored record's exact bytes, by event id.

@@ -5,6 +5,78 @@
 //! `data` is each event's exact serialized bytes, embedded as raw JSON. It is stored as text,
 //! never as `jsonb`, so the bytes read back are the bytes validated (invariant 3).
 
+/// Implements [`Backend`] for a database by boxing the free functions of the same names in the
+/// module where it is invoked (`insert_jobs`, `migrate`, `jobs`, `claim`, `complete`,
+/// `reschedule`, `release`, `status`, `retry`, `wake_on_insert`): each backend module holds
+/// only its SQL.
+macro_rules! impl_backend {
+    ($db:ty, $conn:ty, $pool:ty) => {
+        impl $crate::store::Backend for $db {
+            fn insert_jobs<'c>(
+                conn: &'c mut $conn,
+                jobs: &'c [$crate::store::NewJob],
+            ) -> $crate::store::BoxFuture<'c, Result<Vec<$crate::store::JobId>, $crate::Error>>
+            {
+                Box::pin(insert_jobs(conn, jobs))
+            }
+            fn migrate(pool: &$pool) -> $crate::store::BoxFuture<'_, Result<(), $crate::Error>> {
+                Box::pin(migrate(pool))
+            }
+            fn jobs(
+                pool: &$pool,
+            ) -> $crate::store::BoxFuture<'_, Result<Vec<$crate::store::Job>, $crate::Error>> {
+                Box::pin(jobs(pool))
+            }
+            fn claim<'a>(
+                pool: &'a $pool,
+                owner: &'a str,
+                limit: i64,
+                lease: std::time::Duration,
+            ) -> $crate::store::BoxFuture<'a, Result<Vec<$crate::store::Claimed>, $crate::Error>>
+            {
+                Box::pin(claim(pool, owner, limit, lease))
+            }
+            fn complete<'a>(
+                pool: &'a $pool,
+                owner: &'a str,
+                ids: &'a [$crate::store::JobId],
+            ) -> $crate::store::BoxFuture<'a, Result<u64, $crate::Error>> {
+                Box::pin(complete(pool, owner, ids))
+            }
+            fn reschedule<'a>(
+                pool: &'a $pool,
+                owner: &'a str,
+                job: &'a $crate::store::Reschedule,
+            ) -> $crate::store::BoxFuture<'a, Result<bool, $crate::Error>> {
+                Box::pin(reschedule(pool, owner, job))
+            }
+            fn release<'a>(
+                pool: &'a $pool,
+                owner: &'a str,
+            ) -> $crate::store::BoxFuture<'a, Result<u64, $crate::Error>> {
+                Box::pin(release(pool, owner))
+            }
+            fn status(
+                pool: &$pool,
+            ) -> $crate::store::BoxFuture<'_, Result<$crate::store::Status, $crate::Error>> {
+                Box::pin(status(pool))
+            }
+            fn retry(
+                pool: &$pool,
+                job: Option<$crate::store::JobId>,
+            ) -> $crate::store::BoxFuture<'_, Result<u64, $crate::Error>> {
+                Box::pin(retry(pool, job))
+            }
+            fn wake_on_insert(
+                pool: &$pool,
+                notify: std::sync::Arc<tokio::sync::Notify>,
+            ) -> Option<$crate::store::BoxFuture<'static, ()>> {
+                wake_on_insert(pool, notify)
+            }
+        }
+    };
+}
+
 pub mod postgres;
 pub mod sqlite;
 

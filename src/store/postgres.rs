@@ -6,9 +6,7 @@ use time::OffsetDateTime;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{
-    Backend, BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending,
-};
+use super::{BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending};
 use crate::Error;
 
 /// The channel a NOTIFY is sent on when jobs are inserted.
@@ -309,63 +307,11 @@ async fn listen(pool: PgPool, notify: Arc<tokio::sync::Notify>) {
     }
 }
 
-impl Backend for Postgres {
-    fn insert_jobs<'c>(
-        conn: &'c mut PgConnection,
-        jobs: &'c [NewJob],
-    ) -> BoxFuture<'c, Result<Vec<JobId>, Error>> {
-        Box::pin(insert_jobs(conn, jobs))
-    }
-
-    fn migrate(pool: &PgPool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(migrate(pool))
-    }
-
-    fn jobs(pool: &PgPool) -> BoxFuture<'_, Result<Vec<Job>, Error>> {
-        Box::pin(jobs(pool))
-    }
-
-    fn claim<'a>(
-        pool: &'a PgPool,
-        owner: &'a str,
-        limit: i64,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Claimed>, Error>> {
-        Box::pin(claim(pool, owner, limit, lease))
-    }
-
-    fn complete<'a>(
-        pool: &'a PgPool,
-        owner: &'a str,
-        ids: &'a [JobId],
-    ) -> BoxFuture<'a, Result<u64, Error>> {
-        Box::pin(complete(pool, owner, ids))
-    }
-
-    fn reschedule<'a>(
-        pool: &'a PgPool,
-        owner: &'a str,
-        job: &'a Reschedule,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(reschedule(pool, owner, job))
-    }
-
-    fn release<'a>(pool: &'a PgPool, owner: &'a str) -> BoxFuture<'a, Result<u64, Error>> {
-        Box::pin(release(pool, owner))
-    }
-
-    fn status(pool: &PgPool) -> BoxFuture<'_, Result<Status, Error>> {
-        Box::pin(status(pool))
-    }
-
-    fn retry(pool: &PgPool, job: Option<JobId>) -> BoxFuture<'_, Result<u64, Error>> {
-        Box::pin(retry(pool, job))
-    }
-
-    fn wake_on_insert(
-        pool: &PgPool,
-        notify: Arc<tokio::sync::Notify>,
-    ) -> Option<BoxFuture<'static, ()>> {
-        Some(Box::pin(listen(pool.clone(), notify)))
-    }
+fn wake_on_insert(
+    pool: &PgPool,
+    notify: Arc<tokio::sync::Notify>,
+) -> Option<BoxFuture<'static, ()>> {
+    Some(Box::pin(listen(pool.clone(), notify)))
 }
+
+impl_backend!(Postgres, PgConnection, PgPool);

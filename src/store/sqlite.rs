@@ -6,9 +6,7 @@ use time::OffsetDateTime;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{
-    Backend, BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending,
-};
+use super::{BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending};
 use crate::Error;
 
 pub(crate) static MIGRATIONS: &[Migration] = &[Migration {
@@ -274,63 +272,12 @@ async fn retry(pool: &SqlitePool, job: Option<JobId>) -> Result<u64, Error> {
     Ok(query.execute(pool).await?.rows_affected())
 }
 
-impl Backend for Sqlite {
-    fn insert_jobs<'c>(
-        conn: &'c mut SqliteConnection,
-        jobs: &'c [NewJob],
-    ) -> BoxFuture<'c, Result<Vec<JobId>, Error>> {
-        Box::pin(insert_jobs(conn, jobs))
-    }
-
-    fn migrate(pool: &SqlitePool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(migrate(pool))
-    }
-
-    fn jobs(pool: &SqlitePool) -> BoxFuture<'_, Result<Vec<Job>, Error>> {
-        Box::pin(jobs(pool))
-    }
-
-    fn claim<'a>(
-        pool: &'a SqlitePool,
-        owner: &'a str,
-        limit: i64,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Claimed>, Error>> {
-        Box::pin(claim(pool, owner, limit, lease))
-    }
-
-    fn complete<'a>(
-        pool: &'a SqlitePool,
-        owner: &'a str,
-        ids: &'a [JobId],
-    ) -> BoxFuture<'a, Result<u64, Error>> {
-        Box::pin(complete(pool, owner, ids))
-    }
-
-    fn reschedule<'a>(
-        pool: &'a SqlitePool,
-        owner: &'a str,
-        job: &'a Reschedule,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(reschedule(pool, owner, job))
-    }
-
-    fn release<'a>(pool: &'a SqlitePool, owner: &'a str) -> BoxFuture<'a, Result<u64, Error>> {
-        Box::pin(release(pool, owner))
-    }
-
-    fn status(pool: &SqlitePool) -> BoxFuture<'_, Result<Status, Error>> {
-        Box::pin(status(pool))
-    }
-
-    fn retry(pool: &SqlitePool, job: Option<JobId>) -> BoxFuture<'_, Result<u64, Error>> {
-        Box::pin(retry(pool, job))
-    }
-
-    fn wake_on_insert(
-        _pool: &SqlitePool,
-        _notify: Arc<tokio::sync::Notify>,
-    ) -> Option<BoxFuture<'static, ()>> {
-        None
-    }
+/// SQLite has no notifications: the worker polls.
+fn wake_on_insert(
+    _pool: &SqlitePool,
+    _notify: Arc<tokio::sync::Notify>,
+) -> Option<BoxFuture<'static, ()>> {
+    None
 }
+
+impl_backend!(Sqlite, SqliteConnection, SqlitePool);

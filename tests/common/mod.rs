@@ -39,6 +39,22 @@ pub async fn events<DB: Backend>(journaled: &Journaled<DB>) -> Vec<serde_json::V
     out
 }
 
+/// Waits until `check` holds, or fails after `secs`.
+pub async fn wait_until<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A database of its own for one test, dropped when the test ends.
 pub struct TestDb<DB: Backend> {
     pub pool: sqlx::Pool<DB>,
