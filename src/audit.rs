@@ -201,11 +201,32 @@ struct Columns<'c> {
 }
 
 impl Columns<'_> {
+    /// The value to publish for `column`: filtered when the column is sensitive, and otherwise
+    /// with every sensitive key of nested objects filtered too (as `filter_parameters` does).
     fn value(&self, column: &str, value: &Value) -> Value {
         if is_sensitive(column, &self.config.filter_parameters, self.marked) {
             filtered(value)
         } else {
-            value.clone()
+            self.nested(value)
+        }
+    }
+
+    fn nested(&self, value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| {
+                        let v = if is_sensitive(k, &self.config.filter_parameters, &[]) {
+                            filtered(v)
+                        } else {
+                            self.nested(v)
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.nested(v)).collect()),
+            other => other.clone(),
         }
     }
 

@@ -22,7 +22,7 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://journaled.db?mode=rwc";
 pub struct Cli {
     /// The database holding the jobs: postgres://… or sqlite://…; a SQLite file
     /// `journaled.db` in the working directory when unset.
-    #[arg(long, env = "DATABASE_URL", global = true, default_value = DEFAULT_DATABASE_URL, hide_default_value = true)]
+    #[arg(long, hide_env_values = true, env = "DATABASE_URL", global = true, default_value = DEFAULT_DATABASE_URL, hide_default_value = true)]
     pub database_url: String,
 
     /// What to do.
@@ -62,7 +62,7 @@ pub enum Command {
     /// Print a stream's records as JSON lines, from the oldest (default) or from now.
     Tail {
         /// The stream to read (default JOURNALED_STREAM_NAME).
-        #[arg(long, env = "JOURNALED_STREAM_NAME")]
+        #[arg(long, hide_env_values = true, env = "JOURNALED_STREAM_NAME")]
         stream: String,
         /// Only records put from now on.
         #[arg(long)]
@@ -101,25 +101,25 @@ fn millis(value: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AwsArgs {
     /// AWS region (else AWS_DEFAULT_REGION, else us-east-1).
-    #[arg(long, env = "AWS_REGION")]
+    #[arg(long, hide_env_values = true, env = "AWS_REGION")]
     pub region: Option<String>,
     /// Kinesis endpoint, for a local emulator (else AWS_ENDPOINT_URL).
-    #[arg(long, env = "AWS_ENDPOINT_URL_KINESIS")]
+    #[arg(long, hide_env_values = true, env = "AWS_ENDPOINT_URL_KINESIS")]
     pub endpoint_url: Option<String>,
     /// A role to assume for Kinesis.
-    #[arg(long, env = "JOURNALED_IAM_ROLE_ARN")]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_IAM_ROLE_ARN")]
     pub iam_role_arn: Option<String>,
     /// Seconds an idle HTTP connection is kept.
-    #[arg(long, env = "JOURNALED_HTTP_IDLE_TIMEOUT_SECS", default_value = "5", value_parser = seconds)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_HTTP_IDLE_TIMEOUT_SECS", default_value = "5", value_parser = seconds)]
     pub http_idle_timeout_secs: Duration,
     /// Seconds to wait for a connection.
-    #[arg(long, env = "JOURNALED_HTTP_CONNECT_TIMEOUT_SECS", default_value = "2", value_parser = seconds)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_HTTP_CONNECT_TIMEOUT_SECS", default_value = "2", value_parser = seconds)]
     pub http_connect_timeout_secs: Duration,
     /// Seconds to wait for response bytes.
-    #[arg(long, env = "JOURNALED_HTTP_READ_TIMEOUT_SECS", default_value = "60", value_parser = seconds)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_HTTP_READ_TIMEOUT_SECS", default_value = "60", value_parser = seconds)]
     pub http_read_timeout_secs: Duration,
     /// Attempts the AWS SDK makes per request before the worker's own backoff.
-    #[arg(long, env = "JOURNALED_SDK_MAX_ATTEMPTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_SDK_MAX_ATTEMPTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub sdk_max_attempts: u32,
 }
 
@@ -144,46 +144,46 @@ impl AwsArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
     /// The default stream (required; events may name their own).
-    #[arg(long, env = "JOURNALED_STREAM_NAME")]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_STREAM_NAME")]
     pub stream_name: Option<String>,
     /// Jobs claimed at a time.
-    #[arg(long, env = "JOURNALED_WORKER_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
     /// Claimed batches delivered at once.
-    #[arg(long, env = "JOURNALED_WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: u32,
     /// Milliseconds between looks for due jobs when nothing wakes the worker.
-    #[arg(long, env = "JOURNALED_WORKER_POLL_INTERVAL_MS", default_value = "500", value_parser = millis)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_POLL_INTERVAL_MS", default_value = "500", value_parser = millis)]
     pub poll_interval_ms: Duration,
     /// Seconds a claim lasts before another worker may take the job over.
-    #[arg(long, env = "JOURNALED_WORKER_LEASE_SECS", default_value = "300", value_parser = seconds)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_LEASE_SECS", default_value = "300", value_parser = seconds)]
     pub lease_secs: Duration,
     /// Failed attempts (transient errors) before a job is dead.
-    #[arg(long, env = "JOURNALED_WORKER_MAX_ATTEMPTS", default_value_t = 25, value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_MAX_ATTEMPTS", default_value_t = 25, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,
     /// Milliseconds before the first retry; doubles per attempt, with jitter.
-    #[arg(long, env = "JOURNALED_WORKER_BACKOFF_BASE_MS", default_value = "1000", value_parser = millis)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_BACKOFF_BASE_MS", default_value = "1000", value_parser = millis)]
     pub backoff_base_ms: Duration,
     /// Longest retry delay, in seconds.
-    #[arg(long, env = "JOURNALED_WORKER_BACKOFF_MAX_SECS", default_value = "600", value_parser = seconds)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_BACKOFF_MAX_SECS", default_value = "600", value_parser = seconds)]
     pub backoff_max_secs: Duration,
     /// Retry delay after a configuration error, in seconds.
-    #[arg(long, env = "JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", default_value = "60", value_parser = seconds)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", default_value = "60", value_parser = seconds)]
     pub configuration_backoff_secs: Duration,
     /// Records per PutRecords request (at most 500).
-    #[arg(long, env = "JOURNALED_MAX_RECORDS_PER_REQUEST", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=500))]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_MAX_RECORDS_PER_REQUEST", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub max_records_per_request: u32,
     /// Bytes per PutRecords request (data plus partition keys).
-    #[arg(long, env = "JOURNALED_MAX_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_MAX_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_request_bytes: u32,
     /// Seconds a stopping worker waits for deliveries in flight.
-    #[arg(long, env = "JOURNALED_WORKER_SHUTDOWN_TIMEOUT_SECS", default_value = "30", value_parser = seconds)]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_SHUTDOWN_TIMEOUT_SECS", default_value = "30", value_parser = seconds)]
     pub shutdown_timeout_secs: Duration,
     /// Exit once nothing is due.
-    #[arg(long, env = "JOURNALED_WORKER_DRAIN")]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_DRAIN")]
     pub drain: bool,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9187 (off by default).
-    #[arg(long, env = "JOURNALED_METRICS_ADDR")]
+    #[arg(long, hide_env_values = true, env = "JOURNALED_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub aws: AwsArgs,
@@ -257,14 +257,14 @@ impl AnyPool {
             "sqlite" => {
                 use std::str::FromStr;
                 let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
-                    .map_err(|e| Error::Config(format!("bad DATABASE_URL {url}: {e}")))?
+                    .map_err(|e| Error::Config(format!("bad DATABASE_URL {}: {e}", redact(url))))?
                     .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                     .busy_timeout(std::time::Duration::from_secs(10));
                 Ok(AnyPool::Sqlite(
                     sqlx::sqlite::SqlitePoolOptions::new()
                         .connect_with(options)
                         .await
-                        .map_err(|e| Error::Config(format!("cannot open {url}: {e}")))?,
+                        .map_err(|e| Error::Config(format!("cannot open {}: {e}", redact(url))))?,
                 ))
             }
             _ => Err(Error::Config(format!(
@@ -283,18 +283,47 @@ impl AnyPool {
     }
 }
 
-/// Hides a password in a database URL.
+/// Hides passwords in a database URL: in the user info and in `password` / `sslpassword`
+/// query parameters. A URL that does not parse is shown by its scheme only.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(start), Some(at)) if at > start => {
-            let userinfo = &url[start + 3..at];
+    let scheme = url.split(':').next().unwrap_or_default();
+    if scheme == "sqlite" {
+        return url.to_owned(); // a file name: no credentials
+    }
+    let Some(start) = url.find("://") else {
+        return format!("{scheme}:<unparseable URL>");
+    };
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match base.rfind('@') {
+        Some(at) if at > start => {
+            let userinfo = &base[start + 3..at];
             match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..start + 3], &url[at..]),
-                None => url.to_owned(),
+                Some((user, _)) => format!("{}{user}:***{}", &base[..start + 3], &base[at..]),
+                None => base.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _))
+                    if key.eq_ignore_ascii_case("password")
+                        || key.eq_ignore_ascii_case("sslpassword") =>
+                {
+                    format!("{key}=***")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 /// Parses the command line, runs it, and prints errors as one line.
@@ -523,5 +552,11 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=pw&PASSWORD=x"),
+            "postgres://u@h/db?sslmode=require&password=***&PASSWORD=***"
+        );
+        assert_eq!(redact("postgres:u:pw@h"), "postgres:<unparseable URL>");
+        assert_eq!(redact("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
     }
 }

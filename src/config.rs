@@ -6,6 +6,21 @@ use crate::Error;
 
 /// Kinesis' default maximum record size (data plus partition key).
 pub const DEFAULT_MAX_RECORD_SIZE: usize = 1024 * 1024;
+/// Sensitive names filtered by default: Rails' default `filter_parameters`.
+pub const DEFAULT_FILTER_PARAMETERS: &[&str] = &[
+    "passw",
+    "secret",
+    "token",
+    "_key",
+    "crypt",
+    "salt",
+    "certificate",
+    "otp",
+    "ssn",
+    "cvv",
+    "cvc",
+];
+
 /// The default job priority (lower runs first), as in the reference gem.
 pub const DEFAULT_PRIORITY: i32 = 20;
 
@@ -33,7 +48,10 @@ impl Default for Config {
             default_priority: DEFAULT_PRIORITY,
             enabled: true,
             max_record_size: DEFAULT_MAX_RECORD_SIZE,
-            filter_parameters: Vec::new(),
+            filter_parameters: DEFAULT_FILTER_PARAMETERS
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect(),
             audit_ignored_columns: crate::audit::DEFAULT_IGNORED_COLUMNS
                 .iter()
                 .map(|c| (*c).to_owned())
@@ -78,11 +96,13 @@ impl Config {
             })?;
         }
         if let Some(names) = var("JOURNALED_FILTER_PARAMETERS") {
-            config.filter_parameters = names
-                .split(',')
-                .map(|n| n.trim().to_owned())
-                .filter(|n| !n.is_empty())
-                .collect();
+            config.filter_parameters.extend(
+                names
+                    .split(',')
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty())
+                    .collect::<Vec<_>>(),
+            );
         }
         if let Some(enabled) = var("JOURNALED_ENABLED") {
             config.enabled = parse_bool(&enabled).ok_or_else(|| {
@@ -135,8 +155,9 @@ impl Config {
         self
     }
 
-    /// Sensitive names: a column containing one (case-insensitive) is filtered in audit events,
-    /// like Rails' `filter_parameters`. Adds to `JOURNALED_FILTER_PARAMETERS`.
+    /// Sensitive names: a column (or nested key) containing one, case-insensitively, is filtered
+    /// in audit events, like Rails' `filter_parameters`. Adds to the defaults
+    /// ([`DEFAULT_FILTER_PARAMETERS`]) and to `JOURNALED_FILTER_PARAMETERS`.
     pub fn with_filter_parameters<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -144,6 +165,17 @@ impl Config {
     {
         self.filter_parameters
             .extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// Replaces the whole list of sensitive names, defaults included. An empty list filters
+    /// only `_crypt`/`_hmac` columns and the columns types mark sensitive.
+    pub fn with_only_filter_parameters<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.filter_parameters = names.into_iter().map(Into::into).collect();
         self
     }
 

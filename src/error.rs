@@ -91,6 +91,14 @@ pub enum Error {
         /// The refused name.
         stream: String,
     },
+    /// The delay or run-at time cannot be represented.
+    #[error("event `{event_type}` has an invalid run-at time: {reason}")]
+    InvalidRunAt {
+        /// The event type.
+        event_type: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// The partition key is empty or longer than 256 characters.
     #[error("event `{event_type}` has an invalid partition key: {reason}")]
     InvalidPartitionKey {

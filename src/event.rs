@@ -102,7 +102,20 @@ pub(crate) struct Prepared {
     /// The exact JSON bytes that were validated and will be published.
     pub data: String,
     pub priority: i32,
-    pub run_at: Option<OffsetDateTime>,
+    /// Resolved when the job is written, so that events with the same delay share a job.
+    pub run_at: Option<RunAt>,
+}
+
+/// When `run_at` falls, seen from `now`; a delay too large for a date saturates far ahead
+/// (it was checked at journal time).
+pub(crate) fn resolve(run_at: Option<RunAt>, now: OffsetDateTime) -> Option<OffsetDateTime> {
+    run_at.map(|run_at| match run_at {
+        RunAt::At(at) => at,
+        RunAt::After(delay) => time::Duration::try_from(delay)
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc()),
+    })
 }
 
 const CREATED_AT_FORMAT: &[FormatItem<'static>] = format_description!(
@@ -193,10 +206,19 @@ pub(crate) fn prepare<E: Event>(
         });
     }
 
-    let run_at = event.run_at().map(|run_at| match run_at {
-        RunAt::At(at) => at,
-        RunAt::After(delay) => now + delay,
-    });
+    let run_at = event.run_at();
+    if let Some(RunAt::After(delay)) = run_at {
+        let far = time::Duration::try_from(delay)
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .is_none_or(|at| at.year() > 9000);
+        if far {
+            return Err(Error::InvalidRunAt {
+                event_type: event_type.to_owned(),
+                reason: format!("a delay of {delay:?} is beyond any date"),
+            });
+        }
+    }
     Ok(Prepared {
         id,
         event_type,

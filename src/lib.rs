@@ -61,7 +61,7 @@ pub mod store;
 pub mod testing;
 mod transaction;
 
-pub use config::{Config, DEFAULT_MAX_RECORD_SIZE, DEFAULT_PRIORITY};
+pub use config::{Config, DEFAULT_FILTER_PARAMETERS, DEFAULT_MAX_RECORD_SIZE, DEFAULT_PRIORITY};
 pub use context::{
     Context, ContextError, Tags, actor_uri, app_name, commit_hash, current_actor, current_tags,
     scope, tagged, with_actor,

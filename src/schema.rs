@@ -29,6 +29,14 @@ const BUILT_IN: &[(&str, &str)] = &[
     ),
 ];
 
+/// A schema lookup, remembered.
+#[derive(Clone)]
+enum Cached {
+    Ready(Arc<Validator>),
+    Missing(Arc<[PathBuf]>),
+    Invalid { path: Arc<str>, message: Arc<str> },
+}
+
 /// What [`SchemaRegistry::check`] found for one schema file.
 #[derive(Debug)]
 pub struct CheckedSchema {
@@ -46,7 +54,7 @@ pub struct SchemaRegistry {
     roots: Vec<PathBuf>,
     base: Validator,
     tagged: Validator,
-    compiled: RwLock<HashMap<String, Arc<Validator>>>,
+    compiled: RwLock<HashMap<String, Cached>>,
 }
 
 impl std::fmt::Debug for SchemaRegistry {
@@ -105,37 +113,71 @@ impl SchemaRegistry {
     }
 
     fn load(&self, event_type: &str) -> Result<Arc<Validator>, Error> {
-        if let Some(validator) = self.compiled.read().expect("poisoned").get(event_type) {
-            return Ok(validator.clone());
-        }
-        let validator = if let Some(text) = built_in(event_type) {
-            compile(event_type, "<built-in>", text)?
-        } else {
-            let searched = self.candidates(event_type);
-            // An event type is a file stem, never a path.
-            let safe = !event_type.is_empty()
-                && !event_type.contains(['/', '\\'])
-                && event_type != ".."
-                && event_type != ".";
-            let found = searched
-                .iter()
-                .filter(|_| safe)
-                .find_map(|path| std::fs::read_to_string(path).ok().map(|t| (path, t)));
-            let Some((path, text)) = found else {
-                return Err(Error::SchemaNotFound {
-                    event_type: event_type.to_owned(),
-                    searched: if safe { searched } else { Vec::new() },
-                });
-            };
-            compile(event_type, &path.display().to_string(), &text)?
-        };
-        let validator = Arc::new(validator);
-        self.compiled
-            .write()
+        let cached = self
+            .compiled
+            .read()
             .expect("poisoned")
-            .entry(event_type.to_owned())
-            .or_insert_with(|| validator.clone());
-        Ok(validator)
+            .get(event_type)
+            .cloned();
+        let cached = match cached {
+            Some(cached) => cached,
+            None => {
+                let loaded = self.find_and_compile(event_type);
+                self.compiled
+                    .write()
+                    .expect("poisoned")
+                    .entry(event_type.to_owned())
+                    .or_insert(loaded)
+                    .clone()
+            }
+        };
+        match cached {
+            Cached::Ready(validator) => Ok(validator),
+            Cached::Missing(searched) => Err(Error::SchemaNotFound {
+                event_type: event_type.to_owned(),
+                searched: searched.to_vec(),
+            }),
+            Cached::Invalid { path, message } => Err(Error::InvalidSchema {
+                event_type: event_type.to_owned(),
+                path: path.to_string(),
+                message: message.to_string(),
+            }),
+        }
+    }
+
+    /// Reads and compiles a schema once; a missing or broken one is remembered too, so a hot
+    /// path that journals it does not touch the file system again (restart to pick up a fix).
+    fn find_and_compile(&self, event_type: &str) -> Cached {
+        let compiled = |path: &str, text: &str| match compile(event_type, path, text) {
+            Ok(validator) => Cached::Ready(Arc::new(validator)),
+            Err(Error::InvalidSchema { path, message, .. }) => Cached::Invalid {
+                path: path.into(),
+                message: message.into(),
+            },
+            Err(other) => Cached::Invalid {
+                path: path.into(),
+                message: other.to_string().into(),
+            },
+        };
+        if let Some(text) = built_in(event_type) {
+            return compiled("<built-in>", text);
+        }
+        // An event type is a file stem, never a path.
+        let safe = !event_type.is_empty()
+            && !event_type.contains(['/', '\\'])
+            && event_type != ".."
+            && event_type != ".";
+        if !safe {
+            return Cached::Missing(Arc::from(Vec::new()));
+        }
+        let searched = self.candidates(event_type);
+        match searched
+            .iter()
+            .find_map(|path| std::fs::read_to_string(path).ok().map(|t| (path, t)))
+        {
+            Some((path, text)) => compiled(&path.display().to_string(), &text),
+            None => Cached::Missing(Arc::from(searched)),
+        }
     }
 
     /// Validates a whole event against `base_event`, `tagged_event` (when tagged) and its own
@@ -170,8 +212,8 @@ impl SchemaRegistry {
         })
     }
 
-    /// Compiles the built-in schemas and every `*.json` file under each root (recursively),
-    /// reporting each one. Files shadowed by an earlier root are checked too.
+    /// Compiles the built-in schemas and every `*.json` file directly in each root (where
+    /// lookups find them), reporting each one. Files shadowed by an earlier root are checked too.
     pub fn check(&self) -> Vec<CheckedSchema> {
         let mut out: Vec<CheckedSchema> = BUILT_IN
             .iter()
@@ -210,10 +252,51 @@ fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.is_dir() {
-            collect_json(&path, out);
-        } else if path.extension().is_some_and(|e| e == "json") {
+        if path.is_file() && path.extension().is_some_and(|e| e == "json") {
             out.push(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_are_remembered_even_when_they_fail() {
+        let dir = std::env::temp_dir().join(format!("journaled-schema-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("nested")).unwrap();
+        let registry = SchemaRegistry::new(vec![dir.clone()]);
+        let event = serde_json::json!({"id": "x", "event_type": "late", "created_at": "2026-01-01T00:00:00Z"});
+        assert!(matches!(
+            registry.validate("late", false, &event),
+            Err(Error::SchemaNotFound { .. })
+        ));
+        std::fs::write(dir.join("late.json"), "{}").unwrap();
+        assert!(
+            matches!(
+                registry.validate("late", false, &event),
+                Err(Error::SchemaNotFound { .. })
+            ),
+            "a miss is remembered: no file-system probe per event"
+        );
+        assert!(
+            SchemaRegistry::new(vec![dir.clone()])
+                .validate("late", false, &event)
+                .is_ok()
+        );
+        assert!(matches!(
+            registry.validate("../late", false, &event),
+            Err(Error::SchemaNotFound { ref searched, .. }) if searched.is_empty()
+        ));
+        std::fs::write(dir.join("nested/unreachable.json"), "{").unwrap();
+        let checked = registry.check();
+        assert!(
+            checked
+                .iter()
+                .all(|c| !c.path.ends_with("unreachable.json")),
+            "only files lookups can find"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

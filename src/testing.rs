@@ -57,7 +57,7 @@ pub(crate) fn record(events: &[Prepared]) {
             stream: e.stream.clone(),
             partition_key: e.partition_key.clone(),
             priority: e.priority,
-            run_at: e.run_at,
+            run_at: crate::event::resolve(e.run_at, OffsetDateTime::now_utc()),
             data: serde_json::from_str(&e.data).expect("the record is JSON"),
         }));
     });

@@ -155,12 +155,16 @@ impl<DB: Backend> Journaled<DB> {
     /// Makes the application's own sqlx transaction a journaled one; commit it through the
     /// returned [`Transaction`].
     pub fn wrap<'c>(&self, tx: sqlx::Transaction<'c, DB>) -> Transaction<'c, DB> {
+        use sqlx_core::transaction::TransactionManager;
+        // A savepoint (depth > 1) commits only with its outer transaction, which journaled
+        // cannot see: its events are not reported as enqueued.
+        let report = <DB as sqlx::Database>::TransactionManager::get_transaction_depth(&tx) <= 1;
         Transaction {
             tx,
             staged: Vec::new(),
             parent: None,
             shared: self.shared.clone(),
-            report: true,
+            report,
         }
     }
 
@@ -184,11 +188,8 @@ impl<DB: Backend> Journaled<DB> {
         &self,
         conn: &'c mut DB::Connection,
     ) -> Result<Transaction<'c, DB>, Error> {
-        let nested = sqlx::Connection::is_in_transaction(&*conn);
         let tx = sqlx::Connection::begin(conn).await?;
-        let mut tx = self.wrap(tx);
-        tx.report = !nested;
-        Ok(tx)
+        Ok(self.wrap(tx))
     }
 
     /// Validates and serializes `event` without writing anything: the same checks `journal!` makes.

@@ -439,6 +439,57 @@ on_both_backends!(
     delivery_later_keeps_the_moment_of_the_change,
 );
 
+#[derive(Serialize, Clone, journaled::Audited)]
+#[serde(rename_all = "camelCase")]
+#[audited(table = "accounts")]
+#[journal_changes_to(display_name, as = "rename")]
+struct Account {
+    id: i64,
+    display_name: String,
+    #[serde(rename = "pinCode")]
+    #[audited(sensitive)]
+    pin: String,
+    settings: Value,
+    #[serde(skip)]
+    #[allow(dead_code)]
+    cache: u8,
+}
+
+/// Columns are the serialized names; nested keys are filtered too; the defaults filter
+/// passwords and tokens without configuration.
+async fn filtering_follows_serde_names_nesting_and_defaults<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    db.migrated().await;
+    let journaled = db.journaled(test_config()); // no filter parameters configured
+    let before = Account {
+        id: 7,
+        display_name: "A".into(),
+        pin: SECRET.into(),
+        settings: json!({"theme": "dark", "api_token": SECRET, "nested": [{"password": SECRET}]}),
+        cache: 0,
+    };
+    let mut after = before.clone();
+    after.display_name = "B".into();
+    let mut tx = journaled.begin().await.unwrap();
+    tx.audit(Change::insert(&before)).unwrap();
+    tx.audit(Change::update(&before, &after).with_snapshot())
+        .unwrap();
+    tx.commit().await.unwrap();
+    let logs = audit_logs(&journaled).await;
+    assert_eq!(logs[0]["changes"]["pinCode"], json!([null, "[FILTERED]"]));
+    assert_eq!(
+        logs[0]["changes"]["settings"][1],
+        json!({"theme": "dark", "api_token": "[FILTERED]", "nested": [{"password": "[FILTERED]"}]})
+    );
+    assert!(logs[0]["changes"].get("cache").is_none());
+    assert_eq!(logs[1]["changes"], json!({"displayName": ["A", "B"]}));
+    assert_eq!(logs[1]["snapshot"]["pinCode"], "[FILTERED]");
+    let change = &by_type(&journaled, "journaled_change").await[1];
+    assert_eq!(change["changes"], "{\"displayName\":\"B\"}");
+    assert_no_secret(&journaled).await;
+}
+
+on_both_backends!(filtering_follows_serde_names_nesting_and_defaults);
+
 /// A hand-written impl naming a column the type does not have is refused at start-up.
 #[test]
 fn declarations_are_checked_against_the_columns() {

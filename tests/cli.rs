@@ -76,6 +76,25 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
 }
 
 #[test]
+fn help_never_shows_the_database_password() {
+    let out = cli()
+        .args(["worker", "--help"])
+        .env("DATABASE_URL", "postgres://u:hunter2@h/db")
+        .env("JOURNALED_IAM_ROLE_ARN", "arn:aws:iam::1:role/secret-role")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("--database-url"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains("secret-role"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn without_database_url_the_cli_uses_a_sqlite_file_here() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("cli-default-{}", std::process::id()));

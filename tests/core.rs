@@ -89,6 +89,12 @@ struct Clash {
 #[journaled(event_type = "free_event")]
 struct Scalar(i32);
 
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", stream = "no spaces allowed")]
+struct BadStream {
+    n: i32,
+}
+
 /// Events that share (priority, run_at) share a job, whatever their stream; each group is one job.
 async fn commit_writes_one_job_per_group<DB: Backend + AppSql>(db: &TestDb<DB>) {
     let journaled = db.migrated().await;
@@ -99,7 +105,8 @@ async fn commit_writes_one_job_per_group<DB: Backend + AppSql>(db: &TestDb<DB>) 
     journal!(tx, test_event("b")).unwrap();
     journal!(tx, Delayed { n: 3 }).unwrap();
     journal!(tx, Urgent { n: 4 }).unwrap();
-    assert_eq!(tx.staged_len(), 6);
+    journal!(tx, Delayed { n: 5 }).unwrap(); // the same delay: the same job
+    assert_eq!(tx.staged_len(), 7);
     assert!(
         journaled.jobs().await.unwrap().is_empty(),
         "nothing before commit"
@@ -129,7 +136,7 @@ async fn commit_writes_one_job_per_group<DB: Backend + AppSql>(db: &TestDb<DB>) 
                 ]
             ),
             (5, 2, vec!["test_stream".into(), "test_stream".into()]),
-            (20, 1, vec!["test_stream".into()]),
+            (20, 2, vec!["test_stream".into(), "test_stream".into()]),
         ]
     );
     let delayed = &jobs[2];
@@ -397,6 +404,26 @@ async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &
         ),
         "{err}"
     );
+
+    struct Forever;
+    impl Serialize for Forever {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            json!({}).serialize(s)
+        }
+    }
+    impl Event for Forever {
+        const EVENT_TYPE: &'static str = "free_event";
+        fn run_at(&self) -> Option<journaled::RunAt> {
+            Some(journaled::RunAt::After(std::time::Duration::MAX))
+        }
+    }
+    let err = journal!(tx, Forever).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidRunAt { .. }) && err.to_string().contains("free_event"),
+        "{err}"
+    );
+    let err = journal!(tx, BadStream { n: 1 }).unwrap_err();
+    assert!(matches!(err, Error::InvalidStreamName { .. }), "{err}");
 
     let err = journal!(tx, Clash { id: 1 }).unwrap_err();
     assert!(

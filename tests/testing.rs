@@ -276,6 +276,19 @@ async fn savepoints_on_an_outer_transaction_are_not_reported_early() {
         .unwrap();
         jtx.commit().await.unwrap();
         app_tx.rollback().await.unwrap();
+        let mut app_tx = db.pool.begin().await.unwrap();
+        let savepoint = sqlx::Connection::begin(&mut *app_tx).await.unwrap();
+        let mut jtx = journaled.wrap(savepoint);
+        journal!(
+            jtx,
+            TestEvent {
+                name: "wrapped savepoint".into(),
+                count: 1
+            }
+        )
+        .unwrap();
+        jtx.commit().await.unwrap();
+        app_tx.rollback().await.unwrap();
         let mut conn = db.pool.acquire().await.unwrap();
         let mut jtx = journaled.begin_on(&mut conn).await.unwrap();
         journal!(
@@ -289,6 +302,9 @@ async fn savepoints_on_an_outer_transaction_are_not_reported_early() {
         jtx.commit().await.unwrap();
     })
     .await;
-    captured.assert_not(&[Expect::event(json!({"name": "inside"}))]);
+    captured.assert_not(&[
+        Expect::event(json!({"name": "inside"})),
+        Expect::event(json!({"name": "wrapped savepoint"})),
+    ]);
     captured.assert(&[Expect::event(json!({"name": "own transaction"}))]);
 }

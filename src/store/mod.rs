@@ -226,15 +226,18 @@ pub fn decode_records(text: &str) -> Result<Vec<StoredRecord>, String> {
 }
 
 /// Groups staged events into jobs: one per distinct (priority, run-at), in first-seen order.
+/// Delays are resolved against one clock reading, so events with the same delay share a job.
 pub(crate) fn group(staged: &[Prepared]) -> Vec<NewJob> {
+    let now = OffsetDateTime::now_utc();
     let mut groups: Vec<(i32, Option<OffsetDateTime>, Vec<&Prepared>)> = Vec::new();
     for event in staged {
+        let run_at = crate::event::resolve(event.run_at, now);
         match groups
             .iter_mut()
-            .find(|(priority, run_at, _)| *priority == event.priority && *run_at == event.run_at)
+            .find(|(priority, at, _)| *priority == event.priority && *at == run_at)
         {
             Some((_, _, events)) => events.push(event),
-            None => groups.push((event.priority, event.run_at, vec![event])),
+            None => groups.push((event.priority, run_at, vec![event])),
         }
     }
     groups
