@@ -198,17 +198,12 @@ mod worker_binary {
     }
 
     async fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the worker did not exit"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::common::wait_until(secs, "the worker exits", || {
+            let exited = child.try_wait().unwrap().is_some();
+            async move { exited }
+        })
+        .await;
+        child.wait().unwrap()
     }
 
     async fn wait_until_empty(journaled: &Journaled<sqlx::Postgres>, secs: u64) {
@@ -334,14 +329,10 @@ mod worker_binary {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while proxy.faults.injected_slow.load(Ordering::SeqCst) == 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the worker never started publishing"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::common::wait_until(30, "the worker starts publishing", || async {
+            proxy.faults.injected_slow.load(Ordering::SeqCst) > 0
+        })
+        .await;
         let leased = journaled::store::status(&db.pool)
             .await
             .unwrap()
