@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use journaled::kinesis::{Failure, KinesisSink, NoopSink, OutRecord, Sink};
+use journaled::delivery::{Failure, NoopSink, OutRecord, Sink};
+use journaled::kinesis::KinesisSink;
 use journaled::store::BoxFuture;
 use journaled::{Config, Journaled, Worker, WorkerConfig, journal};
 use kinesis::{Emulator, Kind, kinesis_config};
@@ -85,18 +86,11 @@ async fn backlog(journaled: &Journaled<sqlx::Postgres>, jobs: i64) {
 
 async fn drain(pool: &PgPool, sink: impl Sink, config: WorkerConfig) -> Duration {
     let start = Instant::now();
-    Worker::new(
-        pool.clone(),
-        sink,
-        WorkerConfig {
-            drain: true,
-            ..config
-        },
-    )
-    .unwrap()
-    .run(std::future::pending())
-    .await
-    .unwrap();
+    Worker::new(pool.clone(), sink, config.with_drain(true))
+        .unwrap()
+        .run(std::future::pending())
+        .await
+        .unwrap();
     start.elapsed()
 }
 
@@ -155,11 +149,9 @@ async fn main() {
     let journaled = Journaled::new(pool.clone(), config.clone());
     backlog(&journaled, million / 10).await;
     let rss_before = peak_rss_mib();
-    let ceiling_config = WorkerConfig {
-        batch_size: 500,
-        concurrency: 4,
-        ..WorkerConfig::default()
-    };
+    let ceiling_config = WorkerConfig::default()
+        .with_batch_size(500)
+        .with_concurrency(4);
     let elapsed = drain(&pool, NoopSink, ceiling_config).await;
     let rss_after = peak_rss_mib();
     println!(
@@ -226,11 +218,9 @@ async fn main() {
         let elapsed = drain(
             &pool,
             KinesisSink::new(client.clone()),
-            WorkerConfig {
-                batch_size: 50,
-                concurrency: 4,
-                ..WorkerConfig::default()
-            },
+            WorkerConfig::default()
+                .with_batch_size(50)
+                .with_concurrency(4),
         )
         .await;
         worker_rates.push(events as f64 / elapsed.as_secs_f64());

@@ -166,14 +166,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     step("running the worker until the queue is drained");
     let sink = KinesisSink::new(client.clone());
-    let worker = Worker::new(
-        pool.clone(),
-        sink,
-        WorkerConfig {
-            drain: true,
-            ..WorkerConfig::default()
-        },
-    )?;
+    let worker = Worker::new(pool.clone(), sink, WorkerConfig::default().with_drain(true))?;
     let stats = worker.stats();
     worker.run(std::future::pending()).await?;
     println!(

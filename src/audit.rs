@@ -34,13 +34,12 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::event::{self, Event, Prepared};
-use crate::{Config, Error, context, schema::SchemaRegistry};
+use crate::{Config, Error, JournalError, context, schema::SchemaRegistry};
 
 /// The value that replaces a sensitive one.
 pub const FILTERED: &str = "[FILTERED]";
 
-/// The columns every audited type ignores unless configured otherwise.
-pub const DEFAULT_IGNORED_COLUMNS: &[&str] = &["created_at", "updated_at"];
+pub use crate::config::DEFAULT_IGNORED_COLUMNS;
 
 /// One `#[journal_changes_to(...)]` declaration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,17 +237,17 @@ impl Columns<'_> {
     }
 }
 
-fn columns<R: Audited>(type_name: &str, record: &R) -> Result<Map<String, Value>, Error> {
+fn columns<R: Audited>(type_name: &str, record: &R) -> Result<Map<String, Value>, JournalError> {
     match serde_json::to_value(record) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::Serialization {
+        Ok(_) => Err(JournalError::Serialization {
             event_type: type_name.to_owned(),
             message: format!(
                 "{} did not serialize to an object of columns",
                 R::CLASS_NAME
             ),
         }),
-        Err(e) => Err(Error::Serialization {
+        Err(e) => Err(JournalError::Serialization {
             event_type: type_name.to_owned(),
             message: e.to_string(),
         }),
@@ -330,7 +329,7 @@ pub(crate) fn prepare<R: Audited>(
     change: &Change<'_, R>,
     config: &Config,
     schemas: &SchemaRegistry,
-) -> Result<Vec<Prepared>, Error> {
+) -> Result<Vec<Prepared>, JournalError> {
     let type_name = R::CLASS_NAME;
     let before = change.before.map(|r| columns(type_name, r)).transpose()?;
     let after = change.after.map(|r| columns(type_name, r)).transpose()?;
@@ -437,7 +436,7 @@ pub(crate) fn prepare<R: Audited>(
         }
         let changes = serde_json::to_string(&changes).expect("a map serializes");
         let (at, stream, priority) = (now, stream.clone(), priority);
-        let event = |tagged: bool| -> Result<Prepared, Error> {
+        let event = |tagged: bool| -> Result<Prepared, JournalError> {
             macro_rules! build {
                 ($t:literal) => {
                     event::prepare(
@@ -487,15 +486,6 @@ pub fn check_declarations<R: Audited>(record: &R) -> Result<(), Error> {
     }
 }
 
-/// The actor when none is set: `gid://<app>/<os user>` for command-line runs (stdin is a
-/// terminal), `gid://<app>` otherwise, as the reference does.
-pub(crate) fn fallback_actor(app: &str, command_line: bool, user: Option<String>) -> String {
-    match (command_line, user) {
-        (true, Some(user)) if !user.is_empty() => format!("gid://{app}/{user}"),
-        _ => format!("gid://{app}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,18 +501,5 @@ mod tests {
         assert!(is_sensitive("pin", &[], &["pin"]));
         assert!(!is_sensitive("email", &names, &[]));
         assert!(!is_sensitive("crypto_wallet", &[], &[]));
-    }
-
-    #[test]
-    fn fallback_actors() {
-        assert_eq!(
-            fallback_actor("app", true, Some("ada".into())),
-            "gid://app/ada"
-        );
-        assert_eq!(fallback_actor("app", true, None), "gid://app");
-        assert_eq!(
-            fallback_actor("app", false, Some("ada".into())),
-            "gid://app"
-        );
     }
 }

@@ -21,6 +21,9 @@ pub const DEFAULT_FILTER_PARAMETERS: &[&str] = &[
     "cvc",
 ];
 
+/// The columns every audited type ignores unless configured otherwise.
+pub const DEFAULT_IGNORED_COLUMNS: &[&str] = &["created_at", "updated_at"];
+
 /// The default job priority (lower runs first), as in the reference gem.
 pub const DEFAULT_PRIORITY: i32 = 20;
 
@@ -52,7 +55,7 @@ impl Default for Config {
                 .iter()
                 .map(|n| (*n).to_owned())
                 .collect(),
-            audit_ignored_columns: crate::audit::DEFAULT_IGNORED_COLUMNS
+            audit_ignored_columns: DEFAULT_IGNORED_COLUMNS
                 .iter()
                 .map(|c| (*c).to_owned())
                 .collect(),

@@ -14,19 +14,7 @@ use serde_json::{Map, Value};
 /// Tags: a JSON object of request id, job id, and whatever else traces an event back.
 pub type Tags = Map<String, Value>;
 
-/// Errors of the context helpers.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ContextError {
-    /// `tag!` was called outside any `tagged`/`scope`/`with_actor` scope, so there was nowhere to keep the tags.
-    #[error(
-        "tag! called outside a journaled scope: wrap the work in journaled::scope(..) or journaled::tagged(..)"
-    )]
-    NoScope,
-    /// `commit_hash()` was called but `GIT_COMMIT` is not set.
-    #[error("GIT_COMMIT is not set: set it to the deployed commit to use journaled::commit_hash()")]
-    GitCommitUnset,
-}
+pub use crate::error::ContextError;
 
 #[derive(Debug, Default)]
 struct Scope {
@@ -154,8 +142,17 @@ pub fn actor_uri() -> String {
         let user = std::env::var("USER")
             .ok()
             .or_else(|| std::env::var("LOGNAME").ok());
-        crate::audit::fallback_actor(&app_name(), std::io::stdin().is_terminal(), user)
+        fallback_actor(&app_name(), std::io::stdin().is_terminal(), user)
     })
+}
+
+/// The actor when none is set: `gid://<app>/<os user>` for command-line runs (stdin is a
+/// terminal), `gid://<app>` otherwise, as the reference does.
+pub(crate) fn fallback_actor(app: &str, command_line: bool, user: Option<String>) -> String {
+    match (command_line, user) {
+        (true, Some(user)) if !user.is_empty() => format!("gid://{app}/{user}"),
+        _ => format!("gid://{app}"),
+    }
 }
 
 /// The deployed commit, from `GIT_COMMIT`; an error when it is unset, as in the reference.
@@ -206,6 +203,19 @@ macro_rules! tag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fallback_actors() {
+        assert_eq!(
+            fallback_actor("app", true, Some("ada".into())),
+            "gid://app/ada"
+        );
+        assert_eq!(fallback_actor("app", true, None), "gid://app");
+        assert_eq!(
+            fallback_actor("app", false, Some("ada".into())),
+            "gid://app"
+        );
+    }
 
     #[test]
     fn commit_hash_needs_git_commit() {

@@ -40,13 +40,25 @@ fn paths(items: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// Everything that can go wrong in `journaled`.
-///
-/// The input errors (`SchemaViolation` to `RecordTooLarge`) are returned by `journal!` before
-/// anything is staged or written: the transaction is left as it was.
+/// Errors of the context helpers.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ContextError {
+    /// `tag!` was called outside any `tagged`/`scope`/`with_actor` scope, so there was nowhere to keep the tags.
+    #[error(
+        "tag! called outside a journaled scope: wrap the work in journaled::scope(..) or journaled::tagged(..)"
+    )]
+    NoScope,
+    /// `commit_hash()` was called but `GIT_COMMIT` is not set.
+    #[error("GIT_COMMIT is not set: set it to the deployed commit to use journaled::commit_hash()")]
+    GitCommitUnset,
+}
+
+/// What `journal!` can refuse: bad input, found before anything is staged or written, so the
+/// transaction is left as it was. Each error names the event type and the problem.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum JournalError {
     /// The event does not match its schemas; every failing place is listed.
     #[error("event `{event_type}` does not match its schema: {}", list(.violations))]
     SchemaViolation {
@@ -135,12 +147,22 @@ pub enum Error {
         /// What serde said, or what it produced instead of an object.
         message: String,
     },
+}
+
+/// Everything that can go wrong in `journaled`'s operations: the database, migrations,
+/// configuration, and (through [`Error::Journal`]) refused input.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An event was refused (see [`JournalError`]).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     /// A configuration value is missing or malformed.
     #[error("configuration: {0}")]
     Config(String),
     /// A task-local context operation failed (no scope, `GIT_COMMIT` unset).
     #[error(transparent)]
-    Context(#[from] crate::context::ContextError),
+    Context(#[from] ContextError),
     /// A migration could not be applied, or an applied one was changed.
     #[error("migration: {0}")]
     Migration(String),

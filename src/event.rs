@@ -4,13 +4,13 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::FormatItem;
 use time::macros::format_description;
 use uuid::Uuid;
 
-use crate::{Config, Error, context, schema::SchemaRegistry};
+use crate::{Config, JournalError, context, schema::SchemaRegistry};
 
 /// A Kinesis partition key may not be longer than this many Unicode characters.
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
@@ -133,13 +133,18 @@ pub(crate) fn prepare<E: Event>(
     event: &E,
     config: &Config,
     schemas: &SchemaRegistry,
-) -> Result<Prepared, Error> {
+) -> Result<Prepared, JournalError> {
     let event_type = E::EVENT_TYPE;
-    let serialization = |message: String| Error::Serialization {
+    let serialization = |message: String| JournalError::Serialization {
         event_type: event_type.to_owned(),
         message,
     };
-    let attributes = match serde_json::to_value(event).map_err(|e| serialization(e.to_string()))? {
+    // Serialized once, in the struct's field order; the envelope is written in front of these
+    // bytes, so key order holds by construction (no global `preserve_order`).
+    let attributes_json = serde_json::to_string(event).map_err(|e| serialization(e.to_string()))?;
+    let attributes = match serde_json::from_str::<Value>(&attributes_json)
+        .map_err(|e| serialization(e.to_string()))?
+    {
         Value::Object(map) => map,
         other => {
             return Err(serialization(format!(
@@ -153,7 +158,7 @@ pub(crate) fn prepare<E: Event>(
         .chain(E::TAGGED.then_some("tags"))
     {
         if attributes.contains_key(reserved) {
-            return Err(Error::ReservedAttribute {
+            return Err(JournalError::ReservedAttribute {
                 event_type: event_type.to_owned(),
                 name: reserved.to_owned(),
             });
@@ -165,12 +170,12 @@ pub(crate) fn prepare<E: Event>(
         None => config
             .stream_name
             .clone()
-            .ok_or_else(|| Error::MissingStreamName {
+            .ok_or_else(|| JournalError::MissingStreamName {
                 event_type: event_type.to_owned(),
             })?,
     };
     if stream.is_empty() {
-        return Err(Error::MissingStreamName {
+        return Err(JournalError::MissingStreamName {
             event_type: event_type.to_owned(),
         });
     }
@@ -179,18 +184,43 @@ pub(crate) fn prepare<E: Event>(
     let id = EventId::new();
     let now = OffsetDateTime::now_utc();
     let created_at = event.created_at().unwrap_or(now);
-    let mut object = Map::with_capacity(attributes.len() + 4);
-    object.insert("id".into(), Value::String(id.to_string()));
-    object.insert("event_type".into(), Value::String(event_type.to_owned()));
-    object.insert("created_at".into(), Value::String(format_time(created_at)));
-    if E::TAGGED {
-        object.insert("tags".into(), Value::Object(context::current_tags()));
-    }
-    object.extend(attributes);
-    let value = Value::Object(object);
+    let id_text = id.to_string();
+    let created_at_text = format_time(created_at);
+    let tags = E::TAGGED.then(context::current_tags);
+    let tags_json = tags
+        .as_ref()
+        .map(|tags| serde_json::to_string(tags).map_err(|e| serialization(e.to_string())))
+        .transpose()?;
 
+    // What the schemas see: the same envelope and attributes, as a value.
+    let mut object = attributes;
+    object.insert("id".into(), Value::String(id_text.clone()));
+    object.insert("event_type".into(), Value::String(event_type.to_owned()));
+    object.insert("created_at".into(), Value::String(created_at_text.clone()));
+    if let Some(tags) = tags {
+        object.insert("tags".into(), Value::Object(tags));
+    }
+    let value = Value::Object(object);
     schemas.validate(event_type, E::TAGGED, &value)?;
-    let data = serde_json::to_string(&value).map_err(|e| serialization(e.to_string()))?;
+
+    // What is published: the envelope, then the attributes' own bytes.
+    let body = &attributes_json[1..]; // after the attributes' `{`
+    let mut data = String::with_capacity(attributes_json.len() + 128);
+    data.push_str("{\"id\":\"");
+    data.push_str(&id_text);
+    data.push_str("\",\"event_type\":");
+    data.push_str(&serde_json::to_string(event_type).expect("a string serializes"));
+    data.push_str(",\"created_at\":\"");
+    data.push_str(&created_at_text);
+    data.push('"');
+    if let Some(tags_json) = &tags_json {
+        data.push_str(",\"tags\":");
+        data.push_str(tags_json);
+    }
+    if body.trim_start() != "}" {
+        data.push(',');
+    }
+    data.push_str(body);
 
     let partition_key = match event.partition_key() {
         Some(key) => key.into_owned(),
@@ -199,7 +229,7 @@ pub(crate) fn prepare<E: Event>(
     check_partition_key(event_type, &partition_key)?;
     let size = data.len() + partition_key.len();
     if size > config.max_record_size {
-        return Err(Error::RecordTooLarge {
+        return Err(JournalError::RecordTooLarge {
             event_type: event_type.to_owned(),
             size,
             limit: config.max_record_size,
@@ -213,7 +243,7 @@ pub(crate) fn prepare<E: Event>(
             .and_then(|d| now.checked_add(d))
             .is_none_or(|at| at.year() > 9000);
         if far {
-            return Err(Error::InvalidRunAt {
+            return Err(JournalError::InvalidRunAt {
                 event_type: event_type.to_owned(),
                 reason: format!("a delay of {delay:?} is beyond any date"),
             });
@@ -231,7 +261,7 @@ pub(crate) fn prepare<E: Event>(
 }
 
 /// Kinesis stream names: 1 to 128 of `a-z A-Z 0-9 _ . -`.
-fn check_stream_name(event_type: &str, stream: &str) -> Result<(), Error> {
+fn check_stream_name(event_type: &str, stream: &str) -> Result<(), JournalError> {
     let valid = stream.len() <= 128
         && stream
             .bytes()
@@ -239,14 +269,14 @@ fn check_stream_name(event_type: &str, stream: &str) -> Result<(), Error> {
     if valid {
         Ok(())
     } else {
-        Err(Error::InvalidStreamName {
+        Err(JournalError::InvalidStreamName {
             event_type: event_type.to_owned(),
             stream: stream.to_owned(),
         })
     }
 }
 
-fn check_partition_key(event_type: &str, key: &str) -> Result<(), Error> {
+fn check_partition_key(event_type: &str, key: &str) -> Result<(), JournalError> {
     let reason = if key.is_empty() {
         "it is empty".to_owned()
     } else {
@@ -256,7 +286,7 @@ fn check_partition_key(event_type: &str, key: &str) -> Result<(), Error> {
         }
         format!("it is {chars} characters long, over the limit of {MAX_PARTITION_KEY_CHARS}")
     };
-    Err(Error::InvalidPartitionKey {
+    Err(JournalError::InvalidPartitionKey {
         event_type: event_type.to_owned(),
         reason,
     })

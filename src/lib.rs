@@ -40,6 +40,24 @@
 //! ```
 //!
 //! The schema lives in `journaled_schemas/contract_acceptance_event.json`.
+//!
+//! ## Map of the crate
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | [`Journaled`], [`Transaction`], [`journal!`] | staging events in a transaction and writing their jobs before COMMIT |
+//! | [`Event`], [`EventId`], [`RunAt`] | the event trait (derive it), its envelope, its one-time serialization |
+//! | [`schema`] | loading and compiling `journaled_schemas/*.json` once; validation |
+//! | [`context`] | task-local actor and tags, app name, commit hash |
+//! | [`audit`] | audit log and change-journaling events from before/after values |
+//! | [`store`] | the job table behind the [`Backend`] trait: PostgreSQL (`postgres`) and SQLite (`sqlite`), migrations |
+//! | `delivery` (feature `worker`) | the worker: claim, publish through a `Sink`, settle, retry |
+//! | `kinesis` (feature `worker`) | the Kinesis `Sink`, its client configuration, error classification, a stream reader |
+//! | `testing` (feature `testing`) | capture and match the events code journals |
+//! | [`Error`], [`JournalError`] | operational errors; what `journal!` refuses |
+//!
+//! Dependencies run one way: transaction → event, schema, context, audit → store → error, config.
+//! The worker owns its port (`delivery::Sink`); the Kinesis adapter implements it.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -47,13 +65,13 @@
 extern crate self as journaled;
 
 pub mod audit;
-#[doc(hidden)]
-pub mod cli;
 mod config;
 pub mod context;
+#[cfg(feature = "worker")]
 pub mod delivery;
 mod error;
 mod event;
+#[cfg(feature = "worker")]
 pub mod kinesis;
 pub mod schema;
 pub mod store;
@@ -61,16 +79,25 @@ pub mod store;
 pub mod testing;
 mod transaction;
 
-pub use config::{Config, DEFAULT_FILTER_PARAMETERS, DEFAULT_MAX_RECORD_SIZE, DEFAULT_PRIORITY};
+#[cfg(not(any(feature = "postgres", feature = "sqlite")))]
+compile_error!(
+    "journaled needs a database: enable the `postgres` or the `sqlite` feature (or both)"
+);
+
+pub use config::{
+    Config, DEFAULT_FILTER_PARAMETERS, DEFAULT_IGNORED_COLUMNS, DEFAULT_MAX_RECORD_SIZE,
+    DEFAULT_PRIORITY,
+};
 pub use context::{
     Context, ContextError, Tags, actor_uri, app_name, commit_hash, current_actor, current_tags,
     scope, tagged, with_actor,
 };
+#[cfg(feature = "worker")]
 pub use delivery::{Worker, WorkerConfig, WorkerStats};
-pub use error::{Error, Result, Violation};
+pub use error::{Error, JournalError, Result, Violation};
 pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
 pub use journaled_derive::{Audited, Event};
-pub use store::{Backend, Job, JobId, Status, StoredRecord, migrate};
+pub use store::{Backend, BoxFuture, Job, JobId, Status, StoredRecord, migrate};
 pub use transaction::{Enqueued, Journaled, Transaction};
 
 /// Journals an event: validated and serialized now.

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use jsonschema::{Draft, Validator};
 use serde_json::Value;
 
-use crate::error::{Error, Violation};
+use crate::error::{JournalError, Violation};
 
 /// Schemas that ship with the crate; they are searched before any folder.
 const BUILT_IN: &[(&str, &str)] = &[
@@ -43,7 +43,7 @@ pub struct CheckedSchema {
     /// The file, or `<built-in>/name.json`.
     pub path: PathBuf,
     /// `None` when it compiled; the problem otherwise.
-    pub error: Option<Error>,
+    pub error: Option<JournalError>,
 }
 
 /// Loads and compiles schemas once, then validates events against them.
@@ -65,8 +65,8 @@ impl std::fmt::Debug for SchemaRegistry {
     }
 }
 
-fn compile(event_type: &str, path: &str, text: &str) -> Result<Validator, Error> {
-    let invalid = |message: String| Error::InvalidSchema {
+fn compile(event_type: &str, path: &str, text: &str) -> Result<Validator, JournalError> {
+    let invalid = |message: String| JournalError::InvalidSchema {
         event_type: event_type.to_owned(),
         path: path.to_owned(),
         message,
@@ -112,7 +112,7 @@ impl SchemaRegistry {
         self.roots.iter().map(|root| root.join(&file)).collect()
     }
 
-    fn load(&self, event_type: &str) -> Result<Arc<Validator>, Error> {
+    fn load(&self, event_type: &str) -> Result<Arc<Validator>, JournalError> {
         let cached = self
             .compiled
             .read()
@@ -133,11 +133,11 @@ impl SchemaRegistry {
         };
         match cached {
             Cached::Ready(validator) => Ok(validator),
-            Cached::Missing(searched) => Err(Error::SchemaNotFound {
+            Cached::Missing(searched) => Err(JournalError::SchemaNotFound {
                 event_type: event_type.to_owned(),
                 searched: searched.to_vec(),
             }),
-            Cached::Invalid { path, message } => Err(Error::InvalidSchema {
+            Cached::Invalid { path, message } => Err(JournalError::InvalidSchema {
                 event_type: event_type.to_owned(),
                 path: path.to_string(),
                 message: message.to_string(),
@@ -150,7 +150,7 @@ impl SchemaRegistry {
     fn find_and_compile(&self, event_type: &str) -> Cached {
         let compiled = |path: &str, text: &str| match compile(event_type, path, text) {
             Ok(validator) => Cached::Ready(Arc::new(validator)),
-            Err(Error::InvalidSchema { path, message, .. }) => Cached::Invalid {
+            Err(JournalError::InvalidSchema { path, message, .. }) => Cached::Invalid {
                 path: path.into(),
                 message: message.into(),
             },
@@ -182,7 +182,12 @@ impl SchemaRegistry {
 
     /// Validates a whole event against `base_event`, `tagged_event` (when tagged) and its own
     /// schema, collecting every violation.
-    pub fn validate(&self, event_type: &str, tagged: bool, event: &Value) -> Result<(), Error> {
+    pub fn validate(
+        &self,
+        event_type: &str,
+        tagged: bool,
+        event: &Value,
+    ) -> Result<(), JournalError> {
         let own = self.load(event_type)?;
         let schemas: [(&str, Option<&Validator>); 3] = [
             ("base_event", Some(&self.base)),
@@ -206,7 +211,7 @@ impl SchemaRegistry {
                 })
             })
             .collect();
-        Err(Error::SchemaViolation {
+        Err(JournalError::SchemaViolation {
             event_type: event_type.to_owned(),
             violations,
         })
@@ -233,7 +238,7 @@ impl SchemaRegistry {
                     .unwrap_or_default();
                 let error = match std::fs::read_to_string(&path) {
                     Ok(text) => compile(&stem, &path.display().to_string(), &text).err(),
-                    Err(e) => Some(Error::InvalidSchema {
+                    Err(e) => Some(JournalError::InvalidSchema {
                         event_type: stem,
                         path: path.display().to_string(),
                         message: format!("cannot be read: {e}"),
@@ -270,13 +275,13 @@ mod tests {
         let event = serde_json::json!({"id": "x", "event_type": "late", "created_at": "2026-01-01T00:00:00Z"});
         assert!(matches!(
             registry.validate("late", false, &event),
-            Err(Error::SchemaNotFound { .. })
+            Err(JournalError::SchemaNotFound { .. })
         ));
         std::fs::write(dir.join("late.json"), "{}").unwrap();
         assert!(
             matches!(
                 registry.validate("late", false, &event),
-                Err(Error::SchemaNotFound { .. })
+                Err(JournalError::SchemaNotFound { .. })
             ),
             "a miss is remembered: no file-system probe per event"
         );
@@ -287,7 +292,7 @@ mod tests {
         );
         assert!(matches!(
             registry.validate("../late", false, &event),
-            Err(Error::SchemaNotFound { ref searched, .. }) if searched.is_empty()
+            Err(JournalError::SchemaNotFound { ref searched, .. }) if searched.is_empty()
         ));
         std::fs::write(dir.join("nested/unreachable.json"), "{").unwrap();
         let checked = registry.check();

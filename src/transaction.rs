@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::event::{self, EventId, Prepared};
 use crate::schema::SchemaRegistry;
 use crate::store::{self, Backend, BoxFuture, Job, NewJob};
-use crate::{Config, Error, Event};
+use crate::{Config, Error, Event, JournalError};
 
 type Subscriber = Arc<dyn Fn(&Enqueued<'_>) + Send + Sync>;
 
@@ -193,11 +193,11 @@ impl<DB: Backend> Journaled<DB> {
     }
 
     /// Validates and serializes `event` without writing anything: the same checks `journal!` makes.
-    pub fn validate<E: Event>(&self, event: &E) -> Result<(), Error> {
+    pub fn validate<E: Event>(&self, event: &E) -> Result<(), JournalError> {
         self.prepare(event).map(drop)
     }
 
-    fn prepare<E: Event>(&self, event: &E) -> Result<Prepared, Error> {
+    fn prepare<E: Event>(&self, event: &E) -> Result<Prepared, JournalError> {
         event::prepare(event, &self.shared.config, &self.shared.schemas)
     }
 
@@ -252,7 +252,7 @@ impl<DB: Backend> std::fmt::Debug for Transaction<'_, DB> {
 impl<'c, DB: Backend> Transaction<'c, DB> {
     /// Validates and serializes `event` now, and stages it for COMMIT. On error nothing is
     /// staged and the transaction is untouched. This is what `journal!(tx, event)` does.
-    pub fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, Error> {
+    pub fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, JournalError> {
         let prepared = event::prepare(event, &self.shared.config, &self.shared.schemas)?;
         Ok(self.stage(prepared))
     }
@@ -277,7 +277,7 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
     pub fn audit<R: crate::audit::Audited>(
         &mut self,
         change: crate::audit::Change<'_, R>,
-    ) -> Result<Vec<EventId>, Error> {
+    ) -> Result<Vec<EventId>, JournalError> {
         let prepared = crate::audit::prepare(&change, &self.shared.config, &self.shared.schemas)?;
         Ok(prepared.into_iter().map(|p| self.stage(p)).collect())
     }
@@ -302,6 +302,12 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
 
     /// Writes one job per (priority, run-at) group of the staged events, then commits.
     /// For a savepoint: releases it and hands the events to the parent transaction.
+    #[tracing::instrument(
+        name = "journaled.commit",
+        skip_all,
+        fields(events = self.staged.len(), savepoint = self.parent.is_some()),
+        err
+    )]
     pub async fn commit(self) -> Result<(), Error> {
         let Transaction {
             mut tx,
@@ -379,11 +385,11 @@ pub mod targets {
     /// `journal!(tx, event)`: stage in a transaction.
     pub trait Stage {
         /// See [`Transaction::journal_event`].
-        fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, Error>;
+        fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, JournalError>;
     }
 
     impl<DB: Backend> Stage for Transaction<'_, DB> {
-        fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, Error> {
+        fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, JournalError> {
             Transaction::journal_event(self, event)
         }
     }

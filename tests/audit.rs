@@ -396,10 +396,7 @@ async fn delivery_later_keeps_the_moment_of_the_change<DB: Backend + AppSql>(db:
     let worker = journaled::Worker::new(
         db.pool.clone(),
         sink,
-        journaled::WorkerConfig {
-            drain: true,
-            ..journaled::WorkerConfig::default()
-        },
+        journaled::WorkerConfig::default().with_drain(true),
     )
     .unwrap();
     tagged(

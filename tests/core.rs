@@ -4,7 +4,9 @@
 mod common;
 
 use common::{AppSql, TestDb, events, test_config};
-use journaled::{Backend, Error, Event, Journaled, journal, tagged, tags, with_actor};
+use journaled::{
+    Backend, Error, Event, JournalError, Journaled, journal, tagged, tags, with_actor,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -259,7 +261,10 @@ async fn journaling_outside_a_transaction_writes_at_once<DB: Backend + AppSql>(d
     let err = journal!(journaled, MissingSchemaEvent { n: 1 })
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::SchemaNotFound { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Journal(JournalError::SchemaNotFound { .. })),
+        "{err}"
+    );
     assert_eq!(journaled.jobs().await.unwrap().len(), 1);
 }
 
@@ -310,7 +315,7 @@ async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &
     )
     .unwrap_err();
     match &err {
-        Error::SchemaViolation {
+        JournalError::SchemaViolation {
             event_type,
             violations,
         } => {
@@ -349,7 +354,7 @@ async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &
     let mut tx2 = no_stream_journaled.begin().await.unwrap();
     let err = journal!(tx2, test_event("x")).unwrap_err();
     assert!(
-        matches!(err, Error::MissingStreamName { ref event_type } if event_type == "test_event"),
+        matches!(err, JournalError::MissingStreamName { ref event_type } if event_type == "test_event"),
         "{err}"
     );
     assert!(err.to_string().contains("JOURNALED_STREAM_NAME"), "{err}");
@@ -365,7 +370,8 @@ async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &
     )
     .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidPartitionKey { .. }) && err.to_string().contains("empty"),
+        matches!(err, JournalError::InvalidPartitionKey { .. })
+            && err.to_string().contains("empty"),
         "{err}"
     );
     let err = journal!(
@@ -397,7 +403,7 @@ async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &
     assert!(
         matches!(
             err,
-            Error::RecordTooLarge {
+            JournalError::RecordTooLarge {
                 limit: 1_048_576,
                 ..
             }
@@ -419,15 +425,18 @@ async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &
     }
     let err = journal!(tx, Forever).unwrap_err();
     assert!(
-        matches!(err, Error::InvalidRunAt { .. }) && err.to_string().contains("free_event"),
+        matches!(err, JournalError::InvalidRunAt { .. }) && err.to_string().contains("free_event"),
         "{err}"
     );
     let err = journal!(tx, BadStream { n: 1 }).unwrap_err();
-    assert!(matches!(err, Error::InvalidStreamName { .. }), "{err}");
+    assert!(
+        matches!(err, JournalError::InvalidStreamName { .. }),
+        "{err}"
+    );
 
     let err = journal!(tx, Clash { id: 1 }).unwrap_err();
     assert!(
-        matches!(err, Error::ReservedAttribute { ref name, .. } if name == "id"),
+        matches!(err, JournalError::ReservedAttribute { ref name, .. } if name == "id"),
         "{err}"
     );
     let err = journal!(tx, Scalar(1)).unwrap_err();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::TestDb;
 use common::kinesis::{Emulator, FaultProxy};
-use journaled::{Error, Event, Journaled, journal};
+use journaled::{Event, Journaled, journal};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -238,11 +238,12 @@ async fn bad_inputs(journaled: &Journaled<sqlx::Postgres>, db: &TestDb<sqlx::Pos
     let jobs_before = journaled.jobs().await.unwrap().len();
     let mut tx = journaled.begin().await.unwrap();
     let mut checked = 0;
-    let mut expect = |result: Result<journaled::EventId, Error>, what: &str, pattern: &str| {
-        let err = result.expect_err(what);
-        assert!(err.to_string().contains(pattern), "{what}: {err}");
-        checked += 1;
-    };
+    let mut expect =
+        |result: Result<journaled::EventId, journaled::JournalError>, what: &str, pattern: &str| {
+            let err = result.expect_err(what);
+            assert!(err.to_string().contains(pattern), "{what}: {err}");
+            checked += 1;
+        };
     expect(
         journal!(
             tx,

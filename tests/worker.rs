@@ -45,15 +45,13 @@ struct Blob {
 }
 
 fn test_config() -> WorkerConfig {
-    WorkerConfig {
-        poll_interval: Duration::from_millis(50),
-        lease: Duration::from_secs(10),
-        backoff_base: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(300),
-        configuration_backoff: Duration::from_millis(200),
-        shutdown_timeout: Duration::from_secs(5),
-        ..WorkerConfig::default()
-    }
+    WorkerConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
+        .with_lease(Duration::from_secs(10))
+        .with_backoff_base(Duration::from_millis(20))
+        .with_backoff_max(Duration::from_millis(300))
+        .with_configuration_backoff(Duration::from_millis(200))
+        .with_shutdown_timeout(Duration::from_secs(5))
 }
 
 /// A worker running in the background until stopped.
@@ -114,15 +112,7 @@ async fn drain<DB: Backend>(
     config: WorkerConfig,
 ) -> Arc<WorkerStats> {
     let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
-    let worker = Worker::new(
-        pool.clone(),
-        sink,
-        WorkerConfig {
-            drain: true,
-            ..config
-        },
-    )
-    .unwrap();
+    let worker = Worker::new(pool.clone(), sink, config.with_drain(true)).unwrap();
     let stats = worker.stats();
     tokio::time::timeout(Duration::from_secs(120), worker.run(std::future::pending()))
         .await
@@ -256,11 +246,7 @@ async fn priority_order_is_respected_when_behind<DB: Backend + AppSql>(db: &Test
         .unwrap();
         tx.commit().await.unwrap();
     }
-    let config = WorkerConfig {
-        batch_size: 1,
-        concurrency: 1,
-        ..test_config()
-    };
+    let config = test_config().with_batch_size(1).with_concurrency(1);
     drain(&db.pool, &emulator.endpoint(), config).await;
     let order: Vec<(i64, i64)> = emulator
         .read("test_stream")
@@ -292,11 +278,7 @@ async fn two_workers_share_one_table<DB: Backend + AppSql>(db: &TestDb<DB>) {
     let journaled = db.migrated().await;
     commit_events(&journaled, 120, 3).await;
     let expected = stored(&journaled).await;
-    let config = WorkerConfig {
-        batch_size: 5,
-        concurrency: 2,
-        ..test_config()
-    };
+    let config = test_config().with_batch_size(5).with_concurrency(2);
     let endpoint = emulator.endpoint();
     let (a, b) = tokio::join!(
         drain(&db.pool, &endpoint, config.clone()),
@@ -500,10 +482,7 @@ async fn a_missing_stream_is_retried_until_it_exists<DB: Backend + AppSql>(db: &
     let journaled = db.migrated().await;
     commit_events(&journaled, 2, 2).await;
     let expected = stored(&journaled).await;
-    let config = WorkerConfig {
-        max_attempts: 2,
-        ..test_config()
-    };
+    let config = test_config().with_max_attempts(2);
     let worker = spawn_worker(&db.pool, &emulator.endpoint(), config).await;
     let stats = worker.stats.clone();
     wait_until(30, "several failed attempts", || {
@@ -562,11 +541,7 @@ async fn two_workers_on_one_sqlite_file() {
         )
         .await
         .unwrap();
-    let config = WorkerConfig {
-        batch_size: 4,
-        concurrency: 2,
-        ..test_config()
-    };
+    let config = test_config().with_batch_size(4).with_concurrency(2);
     let endpoint = emulator.endpoint();
     let (a, b) = tokio::join!(
         drain(&db.pool, &endpoint, config.clone()),
@@ -595,12 +570,10 @@ async fn shutdown_gives_unfinished_jobs_back() {
     let mut config = test_config();
     config.shutdown_timeout = Duration::from_millis(500);
     let sink = KinesisSink::new(
-        journaled::kinesis::KinesisConfig {
-            read_timeout: Duration::from_secs(60),
-            ..kinesis_config(&proxy.endpoint())
-        }
-        .client()
-        .await,
+        kinesis_config(&proxy.endpoint())
+            .with_read_timeout(Duration::from_secs(60))
+            .client()
+            .await,
     );
     let worker = Worker::new(db.pool.clone(), sink, config).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -670,10 +643,7 @@ async fn metrics_move_after_delivery_and_throttling() {
         .local_addr()
         .unwrap()
         .port();
-    let config = WorkerConfig {
-        metrics_addr: Some(([127, 0, 0, 1], port).into()),
-        ..test_config()
-    };
+    let config = test_config().with_metrics_addr(Some(([127, 0, 0, 1], port).into()));
     let worker = spawn_worker(&db.pool, &proxy.endpoint(), config).await;
 
     commit_events(&journaled, 1, 5).await;

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::WorkerConfig;
 use super::metrics::{CodeLabel, Metrics, OutcomeLabel};
-use crate::kinesis::{ErrorClass, Failure, OutRecord, Sink};
+use super::sink::{ErrorClass, Failure, OutRecord, Sink};
 use crate::store::{
     BoxFuture, Claimed, DeadSplit, Reschedule, StoredRecord, decode_records, encode_stored,
 };
@@ -295,7 +295,8 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig, now: OffsetDateT
 mod tests {
     use super::*;
     use crate::event::EventId;
-    use crate::store::{JobId, encode_parts};
+    use crate::store::JobId;
+    use crate::store::records::encode_parts;
 
     fn job(attempts: i32, records: &[(&str, usize)]) -> JobState {
         let data: Vec<String> = records

@@ -77,18 +77,27 @@ macro_rules! impl_backend {
     };
 }
 
+mod migrate;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+pub(crate) mod records;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
+use serde::Deserialize;
+
 use crate::Error;
-use crate::event::{EventId, Prepared};
+pub use migrate::migrate;
+pub(crate) use migrate::{Migration, pending};
+#[cfg(feature = "worker")]
+pub(crate) use records::encode_stored;
+pub(crate) use records::group;
+pub use records::{StoredRecord, decode_records};
 
 /// A boxed, sendable future, as the backends return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -150,154 +159,6 @@ impl Job {
             message,
         })
     }
-}
-
-/// One event as stored in a job: where it goes and its exact bytes.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct StoredRecord {
-    /// The event id.
-    pub id: EventId,
-    /// The Kinesis stream.
-    pub stream: String,
-    /// The Kinesis partition key.
-    pub partition_key: String,
-    /// The record's data: the event's JSON exactly as validated.
-    pub data: Box<RawValue>,
-}
-
-impl StoredRecord {
-    /// The record's data bytes.
-    pub fn data(&self) -> &[u8] {
-        self.data.get().as_bytes()
-    }
-}
-
-/// Encodes records into the `records` column format from (id, stream, partition key, data).
-pub(crate) fn encode_parts<'a>(
-    parts: impl IntoIterator<Item = (EventId, &'a str, &'a str, &'a str)>,
-) -> String {
-    let mut out = Vec::with_capacity(256);
-    out.push(b'[');
-    for (i, (id, stream, partition_key, data)) in parts.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"id\":\"");
-        out.extend_from_slice(id.to_string().as_bytes());
-        out.extend_from_slice(b"\",\"stream\":");
-        serde_json::to_writer(&mut out, stream).expect("writing to a Vec cannot fail");
-        out.extend_from_slice(b",\"partition_key\":");
-        serde_json::to_writer(&mut out, partition_key).expect("writing to a Vec cannot fail");
-        out.extend_from_slice(b",\"data\":");
-        out.extend_from_slice(data.as_bytes());
-        out.push(b'}');
-    }
-    out.push(b']');
-    String::from_utf8(out).expect("JSON written from strings is UTF-8")
-}
-
-/// Encodes staged events into the `records` column format.
-pub(crate) fn encode_records<'a>(events: impl IntoIterator<Item = &'a Prepared>) -> String {
-    encode_parts(events.into_iter().map(|e| {
-        (
-            e.id,
-            e.stream.as_str(),
-            e.partition_key.as_str(),
-            e.data.as_str(),
-        )
-    }))
-}
-
-/// Encodes stored records again (what is left of a job after a partial delivery).
-pub(crate) fn encode_stored<'a>(records: impl IntoIterator<Item = &'a StoredRecord>) -> String {
-    encode_parts(records.into_iter().map(|r| {
-        (
-            r.id,
-            r.stream.as_str(),
-            r.partition_key.as_str(),
-            r.data.get(),
-        )
-    }))
-}
-
-/// Decodes the `records` column; the message says what is wrong.
-pub fn decode_records(text: &str) -> Result<Vec<StoredRecord>, String> {
-    serde_json::from_str(text).map_err(|e| format!("records are not decodable: {e}"))
-}
-
-/// Groups staged events into jobs: one per distinct (priority, run-at), in first-seen order.
-/// Delays are resolved against one clock reading, so events with the same delay share a job.
-pub(crate) fn group(staged: &[Prepared]) -> Vec<NewJob> {
-    let now = OffsetDateTime::now_utc();
-    let mut groups: Vec<(i32, Option<OffsetDateTime>, Vec<&Prepared>)> = Vec::new();
-    for event in staged {
-        let run_at = crate::event::resolve(event.run_at, now);
-        match groups
-            .iter_mut()
-            .find(|(priority, at, _)| *priority == event.priority && *at == run_at)
-        {
-            Some((_, _, events)) => events.push(event),
-            None => groups.push((event.priority, run_at, vec![event])),
-        }
-    }
-    groups
-        .into_iter()
-        .map(|(priority, run_at, events)| NewJob {
-            priority,
-            run_at,
-            event_count: events.len() as i32,
-            records: encode_records(events),
-        })
-        .collect()
-}
-
-/// A migration: a version, a name, and its SQL.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Migration {
-    pub version: i64,
-    pub description: &'static str,
-    pub sql: &'static str,
-}
-
-impl Migration {
-    /// FNV-1a, stable across Rust versions, to notice an applied migration that was edited.
-    pub fn checksum(&self) -> String {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in self.sql.bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{hash:016x}")
-    }
-}
-
-/// Checks applied migrations against the embedded ones; returns those still to apply.
-pub(crate) fn pending(
-    all: &'static [Migration],
-    applied: &[(i64, String)],
-) -> Result<Vec<&'static Migration>, Error> {
-    let mut todo = Vec::new();
-    for migration in all {
-        match applied.iter().find(|(v, _)| *v == migration.version) {
-            Some((_, checksum)) if *checksum != migration.checksum() => {
-                return Err(Error::Migration(format!(
-                    "migration {} ({}) was changed after it was applied",
-                    migration.version, migration.description
-                )));
-            }
-            Some(_) => {}
-            None => todo.push(migration),
-        }
-    }
-    if let Some((version, _)) = applied
-        .iter()
-        .find(|(v, _)| !all.iter().any(|m| m.version == *v))
-    {
-        return Err(Error::Migration(format!(
-            "the database has migration {version}, which this version of journaled does not know: is a newer version deployed?"
-        )));
-    }
-    Ok(todo)
 }
 
 /// A job claimed by a worker, under a lease.
@@ -371,7 +232,9 @@ pub struct Status {
 
 mod sealed {
     pub trait Sealed {}
+    #[cfg(feature = "postgres")]
     impl Sealed for sqlx::Postgres {}
+    #[cfg(feature = "sqlite")]
     impl Sealed for sqlx::Sqlite {}
 }
 
@@ -442,10 +305,4 @@ pub async fn status<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<Status, Error>
 /// how many jobs changed.
 pub async fn retry<DB: Backend>(pool: &sqlx::Pool<DB>, job: Option<JobId>) -> Result<u64, Error> {
     DB::retry(pool, job).await
-}
-
-/// Runs journaled's migrations on `pool`. Tracked in journaled's own table, so the
-/// application's own migrator never sees them; safe to run concurrently and repeatedly.
-pub async fn migrate<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<(), Error> {
-    DB::migrate(pool).await
 }

@@ -21,6 +21,7 @@ pub(crate) static MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/postgres/0001_jobs.sql"),
 }];
 
+#[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
 async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
     if let [job] = jobs {
         let id: i64 = sqlx::query_scalar(
@@ -54,6 +55,7 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     Ok(ids.into_iter().map(JobId).collect())
 }
 
+#[tracing::instrument(name = "journaled.migrate", skip_all, err)]
 async fn migrate(pool: &PgPool) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -126,6 +128,7 @@ async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
         .collect()
 }
 
+#[tracing::instrument(name = "journaled.claim", skip_all, fields(limit, claimed), err)]
 async fn claim(
     pool: &PgPool,
     owner: &str,
@@ -165,9 +168,12 @@ async fn claim(
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     claimed.sort_by_key(|c| (c.priority, c.id));
+    tracing::Span::current().record("limit", limit);
+    tracing::Span::current().record("claimed", claimed.len());
     Ok(claimed)
 }
 
+#[tracing::instrument(name = "journaled.complete", skip_all, fields(jobs = ids.len()), err)]
 async fn complete(pool: &PgPool, owner: &str, ids: &[JobId]) -> Result<u64, Error> {
     let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
     Ok(
@@ -180,6 +186,7 @@ async fn complete(pool: &PgPool, owner: &str, ids: &[JobId]) -> Result<u64, Erro
     )
 }
 
+#[tracing::instrument(name = "journaled.reschedule", skip_all, fields(job = job.id.0), err)]
 async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool, Error> {
     // A short transaction (no network call inside): the update and the split-off dead job
     // happen together or not at all.
@@ -222,6 +229,7 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
     Ok(true)
 }
 
+#[tracing::instrument(name = "journaled.release", skip_all, err)]
 async fn release(pool: &PgPool, owner: &str) -> Result<u64, Error> {
     Ok(sqlx::query(
         "UPDATE journaled.jobs SET locked_by = NULL, locked_until = NULL, run_at = now() \
@@ -233,6 +241,7 @@ async fn release(pool: &PgPool, owner: &str) -> Result<u64, Error> {
     .rows_affected())
 }
 
+#[tracing::instrument(name = "journaled.status", skip_all, err)]
 async fn status(pool: &PgPool) -> Result<Status, Error> {
     let row = sqlx::query(
         "SELECT \
@@ -258,6 +267,7 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
     })
 }
 
+#[tracing::instrument(name = "journaled.retry", skip_all, err)]
 async fn retry(pool: &PgPool, job: Option<JobId>) -> Result<u64, Error> {
     let query = match job {
         Some(id) => sqlx::query(

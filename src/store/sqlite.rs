@@ -26,6 +26,7 @@ pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, Error> {
         .map_err(|e| Error::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
+#[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
 async fn insert_jobs(conn: &mut SqliteConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
     let now = to_millis(OffsetDateTime::now_utc());
     let mut ids = Vec::with_capacity(jobs.len());
@@ -46,6 +47,7 @@ async fn insert_jobs(conn: &mut SqliteConnection, jobs: &[NewJob]) -> Result<Vec
     Ok(ids)
 }
 
+#[tracing::instrument(name = "journaled.migrate", skip_all, err)]
 async fn migrate(pool: &SqlitePool) -> Result<(), Error> {
     let mut conn = pool.acquire().await?;
     // IMMEDIATE takes the write lock at once, so concurrent migrators queue instead of failing.
@@ -115,6 +117,7 @@ fn now_ms() -> i64 {
     to_millis(OffsetDateTime::now_utc())
 }
 
+#[tracing::instrument(name = "journaled.claim", skip_all, fields(limit, claimed), err)]
 async fn claim(
     pool: &SqlitePool,
     owner: &str,
@@ -151,9 +154,12 @@ async fn claim(
         })
         .collect::<Result<Vec<_>, Error>>()?;
     claimed.sort_by_key(|c| (c.priority, c.id));
+    tracing::Span::current().record("limit", limit);
+    tracing::Span::current().record("claimed", claimed.len());
     Ok(claimed)
 }
 
+#[tracing::instrument(name = "journaled.complete", skip_all, fields(jobs = ids.len()), err)]
 async fn complete(pool: &SqlitePool, owner: &str, ids: &[JobId]) -> Result<u64, Error> {
     let ids = serde_json::to_string(&ids.iter().map(|id| id.0).collect::<Vec<_>>())
         .expect("ids serialize");
@@ -167,6 +173,7 @@ async fn complete(pool: &SqlitePool, owner: &str, ids: &[JobId]) -> Result<u64, 
     .rows_affected())
 }
 
+#[tracing::instrument(name = "journaled.reschedule", skip_all, fields(job = job.id.0), err)]
 async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<bool, Error> {
     let now = now_ms();
     let mut conn = pool.acquire().await?;
@@ -213,6 +220,7 @@ async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<
     Ok(true)
 }
 
+#[tracing::instrument(name = "journaled.release", skip_all, err)]
 async fn release(pool: &SqlitePool, owner: &str) -> Result<u64, Error> {
     Ok(sqlx::query(
         "UPDATE journaled_jobs SET locked_by = NULL, locked_until = NULL, run_at = ?2 \
@@ -225,6 +233,7 @@ async fn release(pool: &SqlitePool, owner: &str) -> Result<u64, Error> {
     .rows_affected())
 }
 
+#[tracing::instrument(name = "journaled.status", skip_all, err)]
 async fn status(pool: &SqlitePool) -> Result<Status, Error> {
     let now = now_ms();
     let row = sqlx::query(
@@ -253,6 +262,7 @@ async fn status(pool: &SqlitePool) -> Result<Status, Error> {
     })
 }
 
+#[tracing::instrument(name = "journaled.retry", skip_all, err)]
 async fn retry(pool: &SqlitePool, job: Option<JobId>) -> Result<u64, Error> {
     let now = now_ms();
     let query = match job {

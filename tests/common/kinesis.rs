@@ -212,15 +212,13 @@ impl Drop for Emulator {
 
 /// Client settings for tests: dummy credentials, short timeouts.
 pub fn kinesis_config(endpoint: &str) -> KinesisConfig {
-    KinesisConfig {
-        region: Some("us-east-1".into()),
-        endpoint_url: Some(endpoint.to_owned()),
-        static_credentials: Some(("AKIDTEST".into(), "secret".into())),
-        read_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(1),
-        sdk_max_attempts: 1,
-        ..KinesisConfig::default()
-    }
+    KinesisConfig::default()
+        .with_region(Some("us-east-1".into()))
+        .with_endpoint_url(Some(endpoint.to_owned()))
+        .with_static_credentials(Some(("AKIDTEST".into(), "secret".into())))
+        .with_read_timeout(Duration::from_secs(2))
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_sdk_max_attempts(1)
 }
 
 /// Faults the proxy injects; each counter is "the next N requests".

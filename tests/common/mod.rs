@@ -249,4 +249,5 @@ app_sql!(
     "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')"
 );
 
+#[cfg(feature = "worker")]
 pub mod kinesis;

@@ -1,0 +1,214 @@
+//! Command-line arguments: every setting has a flag and an environment variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use journaled::delivery::WorkerConfig;
+use journaled::kinesis::KinesisConfig;
+
+/// The SQLite file used when `DATABASE_URL` is unset.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://journaled.db?mode=rwc";
+
+/// Durably deliver schematized events to Amazon Kinesis.
+#[derive(Debug, Parser)]
+#[command(name = "journaled", version, about)]
+pub struct Cli {
+    /// The database holding the jobs: postgres://… or sqlite://…; a SQLite file
+    /// `journaled.db` in the working directory when unset.
+    #[arg(long, hide_env_values = true, env = "DATABASE_URL", global = true, default_value = DEFAULT_DATABASE_URL, hide_default_value = true)]
+    pub database_url: String,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update journaled's tables (a no-op when up to date).
+    Migrate,
+    /// Work with the JSON Schema files.
+    Schemas {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
+    /// Publish committed events to Kinesis until SIGTERM or SIGINT (or, with --drain, until
+    /// nothing is due).
+    Worker(Box<WorkerArgs>),
+    /// Show pending, due, leased and dead jobs and the age of the oldest pending event.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a job due now (dead or not), or every dead job with --all-dead.
+    Retry {
+        /// The job to retry.
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        job_id: Option<i64>,
+        /// Retry every dead job.
+        #[arg(long)]
+        all_dead: bool,
+    },
+    /// Print a stream's records as JSON lines, from the oldest (default) or from now.
+    Tail {
+        /// The stream to read (default JOURNALED_STREAM_NAME).
+        #[arg(long, hide_env_values = true, env = "JOURNALED_STREAM_NAME")]
+        stream: String,
+        /// Only records put from now on.
+        #[arg(long)]
+        from_now: bool,
+        /// Keep reading; without it, exit once caught up.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+}
+
+fn seconds(value: &str) -> Result<Duration, String> {
+    let secs: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("`{value}` must be a positive number of seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{value}` is too many seconds"))
+}
+
+fn millis(value: &str) -> Result<Duration, String> {
+    let ms: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a whole number of milliseconds"))?;
+    if ms == 0 {
+        return Err("must be at least 1 ms".into());
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// How to reach Kinesis.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AwsArgs {
+    /// AWS region (else AWS_DEFAULT_REGION, else us-east-1).
+    #[arg(long, hide_env_values = true, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Kinesis endpoint, for a local emulator (else AWS_ENDPOINT_URL).
+    #[arg(long, hide_env_values = true, env = "AWS_ENDPOINT_URL_KINESIS")]
+    pub endpoint_url: Option<String>,
+    /// A role to assume for Kinesis.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_IAM_ROLE_ARN")]
+    pub iam_role_arn: Option<String>,
+    /// Seconds an idle HTTP connection is kept.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_HTTP_IDLE_TIMEOUT_SECS", default_value = "5", value_parser = seconds)]
+    pub http_idle_timeout_secs: Duration,
+    /// Seconds to wait for a connection.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_HTTP_CONNECT_TIMEOUT_SECS", default_value = "2", value_parser = seconds)]
+    pub http_connect_timeout_secs: Duration,
+    /// Seconds to wait for response bytes.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_HTTP_READ_TIMEOUT_SECS", default_value = "60", value_parser = seconds)]
+    pub http_read_timeout_secs: Duration,
+    /// Attempts the AWS SDK makes per request before the worker's own backoff.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_SDK_MAX_ATTEMPTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub sdk_max_attempts: u32,
+}
+
+impl AwsArgs {
+    /// The Kinesis configuration these flags describe.
+    pub fn kinesis_config(&self) -> KinesisConfig {
+        let env = KinesisConfig::from_env();
+        KinesisConfig::default()
+            .with_region(self.region.clone().or(env.region))
+            .with_endpoint_url(self.endpoint_url.clone().or(env.endpoint_url))
+            .with_role_arn(self.iam_role_arn.clone())
+            .with_idle_timeout(self.http_idle_timeout_secs)
+            .with_connect_timeout(self.http_connect_timeout_secs)
+            .with_read_timeout(self.http_read_timeout_secs)
+            .with_sdk_max_attempts(self.sdk_max_attempts)
+            .with_static_credentials(None)
+    }
+}
+
+/// `journaled worker` settings; each has an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// The default stream (required; events may name their own).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_STREAM_NAME")]
+    pub stream_name: Option<String>,
+    /// Jobs claimed at a time.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+    /// Claimed batches delivered at once.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub concurrency: u32,
+    /// Milliseconds between looks for due jobs when nothing wakes the worker.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_POLL_INTERVAL_MS", default_value = "500", value_parser = millis)]
+    pub poll_interval_ms: Duration,
+    /// Seconds a claim lasts before another worker may take the job over.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_LEASE_SECS", default_value = "300", value_parser = seconds)]
+    pub lease_secs: Duration,
+    /// Failed attempts (transient errors) before a job is dead.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_MAX_ATTEMPTS", default_value_t = 25, value_parser = clap::value_parser!(i32).range(1..))]
+    pub max_attempts: i32,
+    /// Milliseconds before the first retry; doubles per attempt, with jitter.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_BACKOFF_BASE_MS", default_value = "1000", value_parser = millis)]
+    pub backoff_base_ms: Duration,
+    /// Longest retry delay, in seconds.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_BACKOFF_MAX_SECS", default_value = "600", value_parser = seconds)]
+    pub backoff_max_secs: Duration,
+    /// Retry delay after a configuration error, in seconds.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", default_value = "60", value_parser = seconds)]
+    pub configuration_backoff_secs: Duration,
+    /// Records per PutRecords request (at most 500).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_MAX_RECORDS_PER_REQUEST", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub max_records_per_request: u32,
+    /// Bytes per PutRecords request (data plus partition keys).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_MAX_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_request_bytes: u32,
+    /// Seconds a stopping worker waits for deliveries in flight.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_SHUTDOWN_TIMEOUT_SECS", default_value = "30", value_parser = seconds)]
+    pub shutdown_timeout_secs: Duration,
+    /// Exit once nothing is due.
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_DRAIN")]
+    pub drain: bool,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9187 (off by default).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+impl WorkerArgs {
+    /// The worker configuration these flags describe.
+    pub fn worker_config(&self) -> WorkerConfig {
+        WorkerConfig::default()
+            .with_batch_size(self.batch_size as usize)
+            .with_concurrency(self.concurrency as usize)
+            .with_poll_interval(self.poll_interval_ms)
+            .with_lease(self.lease_secs)
+            .with_max_attempts(self.max_attempts)
+            .with_backoff_base(self.backoff_base_ms)
+            .with_backoff_max(self.backoff_max_secs)
+            .with_configuration_backoff(self.configuration_backoff_secs)
+            .with_max_records_per_request(self.max_records_per_request as usize)
+            .with_max_request_bytes(self.max_request_bytes as usize)
+            .with_shutdown_timeout(self.shutdown_timeout_secs)
+            .with_drain(self.drain)
+            .with_metrics_addr(self.metrics_addr)
+    }
+}
+
+/// `journaled schemas …`
+#[derive(Debug, Subcommand)]
+pub enum SchemasCommand {
+    /// Compile every schema file found and report each broken one.
+    Check {
+        /// Folders to search (default: JOURNALED_SCHEMA_PATH, else ./journaled_schemas).
+        #[arg(long = "path", value_name = "DIR")]
+        paths: Vec<PathBuf>,
+    },
+}

@@ -1,0 +1,178 @@
+//! Worker settings: every one has a `journaled worker` flag and an environment variable.
+
+use std::time::Duration;
+
+use crate::Error;
+
+/// The longest lease, backoff or timeout a setting may ask for.
+const MAX_SETTING: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Worker settings. Every one has a `journaled worker` flag and an environment variable.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// Jobs claimed at a time (default 100).
+    pub batch_size: usize,
+    /// Claimed batches being delivered at once (default 4).
+    pub concurrency: usize,
+    /// How often to look for due jobs when nothing wakes the worker (default 500 ms).
+    pub poll_interval: Duration,
+    /// How long a claim lasts; a crashed worker's jobs are taken over after it (default 300 s).
+    pub lease: Duration,
+    /// Failed attempts (transient errors) before a job is dead (default 25).
+    pub max_attempts: i32,
+    /// First retry delay; it doubles per attempt, with jitter (default 1 s).
+    pub backoff_base: Duration,
+    /// Longest retry delay (default 600 s).
+    pub backoff_max: Duration,
+    /// Retry delay after a configuration error (stream missing, access denied; default 60 s).
+    pub configuration_backoff: Duration,
+    /// Records per `PutRecords` request (default and service maximum 500).
+    pub max_records_per_request: usize,
+    /// Bytes (data plus partition keys) per `PutRecords` request (default 5 MiB).
+    pub max_request_bytes: usize,
+    /// How long a stopping worker waits for deliveries in flight before giving their jobs back (default 30 s).
+    pub shutdown_timeout: Duration,
+    /// Exit once nothing is due and nothing is in flight.
+    pub drain: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when `None`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            batch_size: 100,
+            concurrency: 4,
+            poll_interval: Duration::from_millis(500),
+            lease: Duration::from_secs(300),
+            max_attempts: 25,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(600),
+            configuration_backoff: Duration::from_secs(60),
+            max_records_per_request: 500,
+            max_request_bytes: 5 * 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(30),
+            drain: false,
+            metrics_addr: None,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Sets jobs claimed at a time (see the field).
+    pub fn with_batch_size(mut self, value: usize) -> Self {
+        self.batch_size = value;
+        self
+    }
+
+    /// Sets claimed batches delivered at once (see the field).
+    pub fn with_concurrency(mut self, value: usize) -> Self {
+        self.concurrency = value;
+        self
+    }
+
+    /// Sets how often to look for due jobs when nothing wakes the worker (see the field).
+    pub fn with_poll_interval(mut self, value: Duration) -> Self {
+        self.poll_interval = value;
+        self
+    }
+
+    /// Sets how long a claim lasts (see the field).
+    pub fn with_lease(mut self, value: Duration) -> Self {
+        self.lease = value;
+        self
+    }
+
+    /// Sets failed attempts before a job is dead (see the field).
+    pub fn with_max_attempts(mut self, value: i32) -> Self {
+        self.max_attempts = value;
+        self
+    }
+
+    /// Sets the first retry delay (see the field).
+    pub fn with_backoff_base(mut self, value: Duration) -> Self {
+        self.backoff_base = value;
+        self
+    }
+
+    /// Sets the longest retry delay (see the field).
+    pub fn with_backoff_max(mut self, value: Duration) -> Self {
+        self.backoff_max = value;
+        self
+    }
+
+    /// Sets the retry delay after a configuration error (see the field).
+    pub fn with_configuration_backoff(mut self, value: Duration) -> Self {
+        self.configuration_backoff = value;
+        self
+    }
+
+    /// Sets records per `PutRecords` request (see the field).
+    pub fn with_max_records_per_request(mut self, value: usize) -> Self {
+        self.max_records_per_request = value;
+        self
+    }
+
+    /// Sets bytes per `PutRecords` request (see the field).
+    pub fn with_max_request_bytes(mut self, value: usize) -> Self {
+        self.max_request_bytes = value;
+        self
+    }
+
+    /// Sets how long a stopping worker waits for deliveries in flight (see the field).
+    pub fn with_shutdown_timeout(mut self, value: Duration) -> Self {
+        self.shutdown_timeout = value;
+        self
+    }
+
+    /// Sets whether to exit once nothing is due (see the field).
+    pub fn with_drain(mut self, value: bool) -> Self {
+        self.drain = value;
+        self
+    }
+
+    /// Sets where metrics are served (see the field).
+    pub fn with_metrics_addr(mut self, value: Option<std::net::SocketAddr>) -> Self {
+        self.metrics_addr = value;
+        self
+    }
+
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: &str| Err(Error::Config(m.to_owned()));
+        if self.batch_size == 0 {
+            return bad("batch size must be at least 1");
+        }
+        if self.concurrency == 0 {
+            return bad("concurrency must be at least 1");
+        }
+        if self.max_records_per_request == 0 || self.max_records_per_request > 500 {
+            return bad("records per request must be between 1 and 500");
+        }
+        if self.max_request_bytes == 0 {
+            return bad("request bytes must be at least 1");
+        }
+        if self.max_attempts < 1 {
+            return bad("max attempts must be at least 1");
+        }
+        if self.lease.is_zero() {
+            return bad("the lease must be longer than zero");
+        }
+        for (name, value) in [
+            ("lease", self.lease),
+            ("backoff max", self.backoff_max),
+            ("configuration backoff", self.configuration_backoff),
+            ("shutdown timeout", self.shutdown_timeout),
+            ("poll interval", self.poll_interval),
+        ] {
+            if value > MAX_SETTING {
+                return Err(Error::Config(format!("the {name} must be at most 7 days")));
+            }
+        }
+        if self.backoff_base > self.backoff_max {
+            return bad("the backoff base must not exceed the backoff max");
+        }
+        Ok(())
+    }
+}

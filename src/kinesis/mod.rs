@@ -1,0 +1,241 @@
+//! The Kinesis adapter (feature `worker`): [`KinesisSink`] implements the worker's
+//! [`Sink`](crate::delivery::Sink) with `PutRecords`; [`KinesisConfig`] builds the SDK client;
+//! [`classify_code`] and [`classify_sdk_error`] map errors to failure classes; [`StreamReader`]
+//! reads a stream back.
+
+mod classify;
+mod client;
+mod reader;
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use tracing::Instrument;
+
+pub use classify::{classify_code, classify_sdk_error};
+pub use client::KinesisConfig;
+pub use reader::{ReadRecord, StartAt, StreamReader, ensure_stream, read_stream};
+
+use crate::delivery::{ErrorClass, Failure, OutRecord, Sink};
+use crate::store::BoxFuture;
+
+/// Publishes with `PutRecords`.
+#[derive(Debug, Clone)]
+pub struct KinesisSink {
+    client: Client,
+}
+
+impl KinesisSink {
+    /// A sink over an SDK client.
+    pub fn new(client: Client) -> Self {
+        KinesisSink { client }
+    }
+
+    /// The SDK client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Sink for KinesisSink {
+    fn put_records<'a>(
+        &'a self,
+        stream: &'a str,
+        records: &'a [OutRecord<'a>],
+    ) -> BoxFuture<'a, Result<Vec<Option<Failure>>, Failure>> {
+        let span = tracing::info_span!(
+            "journaled.put_records",
+            stream,
+            records = records.len(),
+            failed = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let fut = async move {
+            let entries = records
+                .iter()
+                .map(|record| {
+                    PutRecordsRequestEntry::builder()
+                        .data(Blob::new(record.data))
+                        .partition_key(record.partition_key)
+                        .build()
+                        .map_err(|e| Failure {
+                            class: ErrorClass::Permanent,
+                            code: "construction".into(),
+                            message: e.to_string(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let output = self
+                .client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .map_err(|e| classify_sdk_error(&e))?;
+            let results = output.records();
+            if results.len() != records.len() {
+                return Err(Failure {
+                    class: ErrorClass::Transient,
+                    code: "response".into(),
+                    message: format!(
+                        "PutRecords answered {} results for {} records",
+                        results.len(),
+                        records.len()
+                    ),
+                });
+            }
+            Ok(results
+                .iter()
+                .map(|result| {
+                    result.error_code().map(|code| Failure {
+                        class: match classify_code(code) {
+                            // A record-level refusal is about this record alone.
+                            ErrorClass::Invalid => ErrorClass::Permanent,
+                            class => class,
+                        },
+                        code: code.to_owned(),
+                        message: result.error_message().unwrap_or_default().to_owned(),
+                    })
+                })
+                .collect::<Vec<_>>())
+        };
+        Box::pin(
+            async move {
+                let result = fut.await;
+                match &result {
+                    Ok(outcomes) => {
+                        let failed = outcomes.iter().filter(|o| o.is_some()).count();
+                        tracing::Span::current().record("failed", failed);
+                    }
+                    Err(failure) => {
+                        tracing::Span::current().record("error", tracing::field::display(failure));
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
+    use aws_sdk_kinesis::types::PutRecordsResultEntry;
+    use aws_smithy_mocks::{RuleMode, mock, mock_client};
+
+    #[test]
+    fn codes_are_classified() {
+        assert_eq!(
+            classify_code("ProvisionedThroughputExceededException"),
+            ErrorClass::Throttled
+        );
+        assert_eq!(
+            classify_code("KMSThrottlingException"),
+            ErrorClass::Throttled
+        );
+        assert_eq!(classify_code("InternalFailure"), ErrorClass::Transient);
+        assert_eq!(
+            classify_code("ResourceNotFoundException"),
+            ErrorClass::Configuration
+        );
+        assert_eq!(
+            classify_code("KMSDisabledException"),
+            ErrorClass::Configuration
+        );
+        assert_eq!(
+            classify_code("AccessDeniedException"),
+            ErrorClass::Configuration
+        );
+        assert_eq!(classify_code("ValidationException"), ErrorClass::Invalid);
+        assert_eq!(classify_code("SomethingNew"), ErrorClass::Transient);
+    }
+
+    fn records() -> Vec<OutRecord<'static>> {
+        vec![
+            OutRecord {
+                partition_key: "a",
+                data: b"{}",
+            },
+            OutRecord {
+                partition_key: "b",
+                data: b"{}",
+            },
+        ]
+    }
+
+    #[tokio::test]
+    async fn partly_failed_responses_fail_only_their_records() {
+        let rule = mock!(Client::put_records).then_output(|| {
+            PutRecordsOutput::builder()
+                .failed_record_count(1)
+                .records(
+                    PutRecordsResultEntry::builder()
+                        .sequence_number("1")
+                        .shard_id("s")
+                        .build(),
+                )
+                .records(
+                    PutRecordsResultEntry::builder()
+                        .error_code("ProvisionedThroughputExceededException")
+                        .error_message("slow down")
+                        .build(),
+                )
+                .build()
+                .unwrap()
+        });
+        let client = mock_client!(aws_sdk_kinesis, RuleMode::Sequential, [&rule]);
+        let sink = KinesisSink::new(client);
+        let outcomes = sink.put_records("s", &records()).await.unwrap();
+        assert_eq!(outcomes[0], None);
+        assert_eq!(outcomes[1].as_ref().unwrap().class, ErrorClass::Throttled);
+    }
+
+    #[tokio::test]
+    async fn request_errors_are_classified() {
+        for (code, class) in [
+            ("ResourceNotFoundException", ErrorClass::Configuration),
+            ("KMSAccessDeniedException", ErrorClass::Configuration),
+            ("KMSThrottlingException", ErrorClass::Throttled),
+            ("ValidationException", ErrorClass::Invalid),
+            ("InternalFailure", ErrorClass::Transient),
+        ] {
+            let rule = mock!(Client::put_records).then_error(move || {
+                PutRecordsError::generic(
+                    aws_sdk_kinesis::error::ErrorMetadata::builder()
+                        .code(code)
+                        .message("m")
+                        .build(),
+                )
+            });
+            let client = mock_client!(aws_sdk_kinesis, RuleMode::Sequential, [&rule]);
+            let failure = KinesisSink::new(client)
+                .put_records("s", &records())
+                .await
+                .unwrap_err();
+            assert_eq!((failure.code.as_str(), failure.class), (code, class));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_response_is_transient() {
+        let rule = mock!(Client::put_records).then_output(|| {
+            PutRecordsOutput::builder()
+                .records(
+                    PutRecordsResultEntry::builder()
+                        .sequence_number("1")
+                        .build(),
+                )
+                .build()
+                .unwrap()
+        });
+        let client = mock_client!(aws_sdk_kinesis, RuleMode::Sequential, [&rule]);
+        let failure = KinesisSink::new(client)
+            .put_records("s", &records())
+            .await
+            .unwrap_err();
+        assert_eq!(failure.class, ErrorClass::Transient);
+    }
+}
