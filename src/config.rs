@@ -24,6 +24,9 @@ pub const DEFAULT_FILTER_PARAMETERS: &[&str] = &[
 /// The columns every audited type ignores unless configured otherwise.
 pub const DEFAULT_IGNORED_COLUMNS: &[&str] = &["created_at", "updated_at"];
 
+/// How long commits are gathered into one notification to other processes' workers.
+pub const DEFAULT_NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The default job priority (lower runs first), as in the reference gem.
 pub const DEFAULT_PRIORITY: i32 = 20;
 
@@ -39,6 +42,8 @@ pub struct Config {
     pub(crate) filter_parameters: Vec<String>,
     pub(crate) audit_ignored_columns: Vec<String>,
     pub(crate) snapshot_on_deletion: bool,
+    pub(crate) notify: bool,
+    pub(crate) notify_interval: std::time::Duration,
 }
 
 impl Default for Config {
@@ -60,6 +65,8 @@ impl Default for Config {
                 .map(|c| (*c).to_owned())
                 .collect(),
             snapshot_on_deletion: false,
+            notify: true,
+            notify_interval: DEFAULT_NOTIFY_INTERVAL,
         }
     }
 }
@@ -80,7 +87,8 @@ pub(crate) fn parse_bool(value: &str) -> Option<bool> {
 impl Config {
     /// Reads `JOURNALED_STREAM_NAME`, `JOURNALED_APP_NAME`, `JOURNALED_SCHEMA_PATH` (a
     /// `:`-separated list of folders, first match wins), `JOURNALED_JOB_PRIORITY` and
-    /// `JOURNALED_ENABLED` and `JOURNALED_FILTER_PARAMETERS` (comma-separated sensitive names).
+    /// `JOURNALED_ENABLED`, `JOURNALED_FILTER_PARAMETERS` (comma-separated sensitive names),
+    /// `JOURNALED_NOTIFY` and `JOURNALED_NOTIFY_INTERVAL_MS`.
     /// A malformed value is an error that names the variable.
     pub fn from_env() -> Result<Config, Error> {
         let mut config = Config {
@@ -106,6 +114,21 @@ impl Config {
                     .filter(|n| !n.is_empty())
                     .collect::<Vec<_>>(),
             );
+        }
+        if let Some(notify) = var("JOURNALED_NOTIFY") {
+            config.notify = parse_bool(&notify).ok_or_else(|| {
+                Error::Config(format!(
+                    "JOURNALED_NOTIFY must be true or false, got `{notify}`"
+                ))
+            })?;
+        }
+        if let Some(ms) = var("JOURNALED_NOTIFY_INTERVAL_MS") {
+            let parsed: u64 = ms.trim().parse().ok().filter(|ms| (1..=60_000).contains(ms)).ok_or_else(|| {
+                Error::Config(format!(
+                    "JOURNALED_NOTIFY_INTERVAL_MS must be a whole number of milliseconds from 1 to 60000, got `{ms}`"
+                ))
+            })?;
+            config.notify_interval = std::time::Duration::from_millis(parsed);
         }
         if let Some(enabled) = var("JOURNALED_ENABLED") {
             config.enabled = parse_bool(&enabled).ok_or_else(|| {
@@ -195,6 +218,21 @@ impl Config {
     /// Adds a snapshot to every deletion's audit log event.
     pub fn with_snapshot_on_deletion(mut self, enabled: bool) -> Self {
         self.snapshot_on_deletion = enabled;
+        self
+    }
+
+    /// Whether commits notify workers in other processes (PostgreSQL: a `NOTIFY` sent after
+    /// the commit, on its own connection, at most once per [`notify interval`](Self::with_notify_interval)).
+    /// Off: those workers find jobs by polling. Workers in the same process are always woken.
+    pub fn with_notify(mut self, enabled: bool) -> Self {
+        self.notify = enabled;
+        self
+    }
+
+    /// How long commits are gathered into one notification (default 5 ms): the added wake-up
+    /// latency for workers in other processes, and at most one `NOTIFY` per interval per process.
+    pub fn with_notify_interval(mut self, interval: std::time::Duration) -> Self {
+        self.notify_interval = interval.max(std::time::Duration::from_millis(1));
         self
     }
 

@@ -163,6 +163,11 @@ pub enum Error {
     /// A task-local context operation failed (no scope, `GIT_COMMIT` unset).
     #[error(transparent)]
     Context(#[from] ContextError),
+    /// journaled's tables are not in the database yet.
+    #[error(
+        "journaled's tables are missing from this database: run `journaled migrate` (or journaled::migrate(&pool)) first"
+    )]
+    NotMigrated,
     /// A migration could not be applied, or an applied one was changed.
     #[error("migration: {0}")]
     Migration(String),

@@ -78,6 +78,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod transaction;
+mod wake;
 
 #[cfg(not(any(feature = "postgres", feature = "sqlite")))]
 compile_error!(

@@ -15,9 +15,19 @@ struct Shared {
     config: Config,
     schemas: SchemaRegistry,
     subscribers: std::sync::RwLock<Vec<Subscriber>>,
+    announcer: Option<crate::wake::Announcer>,
 }
 
 impl Shared {
+    /// After a COMMIT that wrote jobs: wake this process's workers at once, and the others
+    /// through the coalescing announcer. Nothing here runs inside the transaction.
+    fn wake(&self) {
+        crate::wake::wake_local();
+        if let Some(announcer) = &self.announcer {
+            announcer.poke();
+        }
+    }
+
     /// Tells subscribers (and a capturing test) about events whose transaction committed.
     fn enqueued(&self, events: &[Prepared]) {
         #[cfg(feature = "testing")]
@@ -92,12 +102,30 @@ impl<DB: Backend> Journaled<DB> {
         if let Some(name) = &config.app_name {
             crate::context::configure_app_name(name);
         }
+        let announcer = if config.notify {
+            let announce_pool = pool.clone();
+            let announce: crate::wake::Announce = Arc::new(move || {
+                let pool = announce_pool.clone();
+                Box::pin(async move {
+                    match DB::announce(&pool) {
+                        Some(sent) => sent.await,
+                        None => Ok(()),
+                    }
+                })
+            });
+            DB::announce(&pool)
+                .is_some()
+                .then(|| crate::wake::Announcer::new(announce, config.notify_interval))
+        } else {
+            None
+        };
         Journaled {
             pool,
             shared: Arc::new(Shared {
                 config,
                 schemas,
                 subscribers: std::sync::RwLock::new(Vec::new()),
+                announcer,
             }),
         }
     }
@@ -148,8 +176,10 @@ impl<DB: Backend> Journaled<DB> {
     }
 
     /// Begins a journaled transaction on a new pooled connection.
+    /// On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken at once (waiting up to the
+    /// busy timeout), so a read-then-write transaction never fails with "database is locked".
     pub async fn begin(&self) -> Result<Transaction<'static, DB>, Error> {
-        Ok(self.wrap(self.pool.begin().await?))
+        Ok(self.wrap(DB::begin(&self.pool).await?))
     }
 
     /// Makes the application's own sqlx transaction a journaled one; commit it through the
@@ -212,6 +242,7 @@ impl<DB: Backend> Journaled<DB> {
                 let jobs = store::group(std::slice::from_ref(&prepared));
                 let mut conn = self.pool.acquire().await?;
                 let ids = DB::insert_jobs(&mut conn, &jobs).await?;
+                self.shared.wake();
                 log_enqueued(&jobs, &ids, std::slice::from_ref(&prepared));
                 self.shared.enqueued(std::slice::from_ref(&prepared));
             }
@@ -328,6 +359,9 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         let jobs = store::group(&staged);
         let ids = DB::insert_jobs(&mut tx, &jobs).await?;
         tx.commit().await?;
+        if report {
+            shared.wake();
+        }
         log_enqueued(&jobs, &ids, &staged);
         if report {
             shared.enqueued(&staged);

@@ -72,7 +72,59 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
         .fetch_one(&pg.pool)
         .await
         .unwrap();
-    assert_eq!(count, 1);
+    assert_eq!(count, 2, "every embedded migration, once");
+}
+
+/// On a database nobody migrated, every command but `migrate` says in one line to run
+/// `journaled migrate`, and none of them creates a SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmigrated_database_says_to_run_migrate() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("unmigrated-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for args in [
+        &["status"][..],
+        &["retry", "--all-dead"],
+        &["worker", "--drain"],
+    ] {
+        let out = cli()
+            .args(args)
+            .current_dir(&dir)
+            .env("JOURNALED_STREAM_NAME", "s")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("journaled migrate"), "{args:?}: {stderr}");
+        assert!(
+            !dir.join("journaled.db").exists(),
+            "{args:?} created a database file"
+        );
+    }
+    // A PostgreSQL database without journaled's tables.
+    let pg = common::TestDb::<sqlx::Postgres>::new().await;
+    for args in [&["status"][..], &["worker", "--drain"]] {
+        let out = cli()
+            .args(args)
+            .env("DATABASE_URL", pg.url())
+            .env("JOURNALED_STREAM_NAME", "s")
+            .env("AWS_ENDPOINT_URL_KINESIS", "http://127.0.0.1:9")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.contains("journaled migrate"), "{args:?}: {stderr}");
+    }
+    // `migrate` is the one command that creates the file.
+    let out = cli().arg("migrate").current_dir(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("journaled.db").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

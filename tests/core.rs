@@ -351,7 +351,9 @@ async fn bad_input_is_refused_and_nothing_is_written<DB: Backend + AppSql>(db: &
     config_without_stream = config_without_stream.with_app_name("x");
     let no_stream_journaled = Journaled::new(db.pool.clone(), config_without_stream);
     drop(no_stream);
-    let mut tx2 = no_stream_journaled.begin().await.unwrap();
+    // A savepoint on the same connection: on SQLite a second write transaction would wait for
+    // the first (journaled begins IMMEDIATE).
+    let mut tx2 = no_stream_journaled.begin_on(&mut tx).await.unwrap();
     let err = journal!(tx2, test_event("x")).unwrap_err();
     assert!(
         matches!(err, JournalError::MissingStreamName { ref event_type } if event_type == "test_event"),
@@ -548,7 +550,8 @@ async fn tags_and_actor_are_captured_at_journal_time<DB: Backend + AppSql>(db: &
                 )
                 .unwrap();
                 assert_eq!(journaled::actor_uri(), format!("gid://app/User/{i}"));
-                barrier.wait().await;
+                // (No second barrier here: on SQLite journaled's transactions begin IMMEDIATE,
+                // so two open write transactions wait for each other.)
                 // Tags changed after journal! do not reach the staged event.
                 journaled::tag!(request_id = "changed later").unwrap();
                 tx.commit().await.unwrap();
@@ -652,6 +655,95 @@ on_both_backends!(
     tags_and_actor_are_captured_at_journal_time,
     disabled_journaling_validates_but_writes_nothing,
     migrations_are_idempotent_and_private,
+);
+
+/// A transaction larger than one PutRecords request is written as several bounded job rows,
+/// all in the same transaction: every event iff it commits, no row over 500 records or 5 MiB.
+async fn large_transactions_are_chunked_into_bounded_jobs<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let big = "x".repeat(20_000);
+
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 0..1_200 {
+        journal!(tx, Urgent { n }).unwrap();
+    }
+    // 300 records of ~20 KB: ~6 MB, over the 5 MiB a row may hold.
+    for _ in 0..300 {
+        journal!(tx, Blob { blob: big.clone() }).unwrap();
+    }
+    tx.rollback().await.unwrap();
+    assert!(
+        journaled.jobs().await.unwrap().is_empty(),
+        "a rolled-back chunked transaction leaves nothing"
+    );
+
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 0..1_200 {
+        journal!(tx, Urgent { n }).unwrap();
+    }
+    for _ in 0..300 {
+        journal!(tx, Blob { blob: big.clone() }).unwrap();
+    }
+    tx.commit().await.unwrap();
+    let jobs = journaled.jobs().await.unwrap();
+    for job in &jobs {
+        let records = job.records().unwrap();
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.data().len() + r.partition_key.len())
+            .sum();
+        assert!(
+            records.len() <= journaled::store::MAX_JOB_RECORDS,
+            "{} records",
+            records.len()
+        );
+        assert!(bytes <= journaled::store::MAX_JOB_BYTES, "{bytes} bytes");
+        assert_eq!(records.len(), job.event_count as usize);
+    }
+    let urgent: Vec<i64> = jobs
+        .iter()
+        .filter(|j| j.priority == 5)
+        .flat_map(|j| j.records().unwrap())
+        .map(|r| {
+            serde_json::from_slice::<Value>(r.data()).unwrap()["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        urgent,
+        (0..1_200).collect::<Vec<_>>(),
+        "every event, in journal! order"
+    );
+    assert_eq!(jobs.iter().filter(|j| j.priority == 5).count(), 3);
+    let blobs: usize = jobs
+        .iter()
+        .filter(|j| j.priority != 5)
+        .map(|j| j.event_count as usize)
+        .sum();
+    assert_eq!(blobs, 300);
+    assert!(jobs.iter().filter(|j| j.priority != 5).count() >= 2);
+}
+
+/// Journaling into a database nobody migrated says, in one line, to run `journaled migrate`.
+async fn an_unmigrated_database_says_to_migrate<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.journaled(test_config());
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("too early")).unwrap();
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, Error::NotMigrated), "{err:?}");
+    assert!(err.to_string().contains("journaled migrate"), "{err}");
+    let err = journal!(journaled, test_event("too early"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotMigrated), "{err:?}");
+    let err = journaled::store::status(&db.pool).await.unwrap_err();
+    assert!(matches!(err, Error::NotMigrated), "{err:?}");
+}
+
+on_both_backends!(
+    large_transactions_are_chunked_into_bounded_jobs,
+    an_unmigrated_database_says_to_migrate,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

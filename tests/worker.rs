@@ -44,6 +44,12 @@ struct Blob {
     blob: String,
 }
 
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", priority = 1, delay_secs = 3600)]
+struct Later {
+    n: i64,
+}
+
 fn test_config() -> WorkerConfig {
     WorkerConfig::default()
         .with_poll_interval(Duration::from_millis(50))
@@ -510,7 +516,74 @@ async fn a_missing_stream_is_retried_until_it_exists<DB: Backend + AppSql>(db: &
     assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
 }
 
+/// One transaction of 1,200 events (three job rows) arrives whole.
+async fn a_chunked_transaction_is_delivered_whole<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 2).await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 1, 1_200).await;
+    assert_eq!(journaled.jobs().await.unwrap().len(), 3);
+    let expected = stored(&journaled).await;
+    drain(&db.pool, &emulator.endpoint(), test_config()).await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+    assert!(journaled.jobs().await.unwrap().is_empty());
+}
+
+/// A claim takes at least one job and stops near its byte budget, and never takes jobs that
+/// are not due (delayed, ahead in priority) however many there are.
+async fn claims_are_bounded_by_bytes_and_skip_jobs_not_due<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 0..50 {
+        journal!(tx, Later { n }).unwrap();
+    }
+    tx.commit().await.unwrap();
+    for _ in 0..4 {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(
+            tx,
+            Blob {
+                blob: "b".repeat(10_000)
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let lease = Duration::from_secs(60);
+    let one = DB::claim(&db.pool, "owner-1", 100, 1, lease).await.unwrap();
+    assert_eq!(
+        one.len(),
+        1,
+        "a claim always takes one job, whatever its size"
+    );
+    let two = DB::claim(&db.pool, "owner-2", 100, 15_000, lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        two.len(),
+        2,
+        "the second job starts under the budget, the third would not"
+    );
+    let rest = DB::claim(&db.pool, "owner-3", 100, 1 << 30, lease)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1, "delayed jobs are never claimed early");
+    assert!(
+        DB::claim(&db.pool, "owner-4", 100, 1 << 30, lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    assert_eq!(
+        (status.pending_jobs, status.leased_jobs, status.due_jobs),
+        (5, 4, 0)
+    );
+}
+
 on_both_backends!(
+    a_chunked_transaction_is_delivered_whole,
+    claims_are_bounded_by_bytes_and_skip_jobs_not_due,
     committed_events_arrive_with_their_stored_bytes,
     priority_order_is_respected_when_behind,
     two_workers_share_one_table,
@@ -521,6 +594,73 @@ on_both_backends!(
     a_corrupt_job_is_dead_and_the_rest_flow,
     a_missing_stream_is_retried_until_it_exists,
 );
+
+/// SQLite: application transactions that read, then write, run beside a worker for seconds
+/// without "database is locked" (journaled's transactions begin IMMEDIATE), and every event
+/// they commit is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_writers_beside_a_worker_never_see_database_is_locked() {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    let journaled = db.migrated().await;
+    sqlx::raw_sql("CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL); INSERT INTO counters VALUES (1, 0)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let worker = spawn_worker(&db.pool, &emulator.endpoint(), test_config()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let journaled = journaled.clone();
+        writers.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            while tokio::time::Instant::now() < deadline {
+                let mut tx = journaled.begin().await.unwrap();
+                let n: i64 = sqlx::query_scalar("SELECT n FROM counters WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                sqlx::query("UPDATE counters SET n = ? WHERE id = 1")
+                    .bind(n + 1)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                let id = journal!(
+                    tx,
+                    TestEvent {
+                        name: format!("w{w}"),
+                        count: n
+                    }
+                )
+                .unwrap();
+                tx.commit().await.unwrap();
+                committed.push(id.to_string());
+            }
+            committed
+        }));
+    }
+    let mut committed = HashSet::new();
+    for writer in writers {
+        committed.extend(writer.await.unwrap());
+    }
+    let n: i64 = sqlx::query_scalar("SELECT n FROM counters WHERE id = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n as usize, committed.len(), "no lost update");
+    wait_until(60, "every job is delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
+    })
+    .await;
+    worker.stop().await;
+    let got: HashSet<String> = delivered(&emulator, "test_stream")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(committed.is_subset(&got), "every committed event arrives");
+}
 
 /// SQLite: two workers with their own connections to one file deliver everything once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,7 +839,7 @@ async fn reschedule_splits_and_retry_spares_leased_jobs<DB: Backend + AppSql>(db
     commit_events(&journaled, 1, 3).await;
     let job = journaled.jobs().await.unwrap().remove(0);
     let records = job.records().unwrap();
-    let claimed = DB::claim(&db.pool, "owner-1", 10, Duration::from_secs(60))
+    let claimed = DB::claim(&db.pool, "owner-1", 10, 1 << 20, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -716,7 +856,7 @@ async fn reschedule_splits_and_retry_spares_leased_jobs<DB: Backend + AppSql>(db
         records: Some((serde_json::to_string(&[&records[1]]).unwrap(), 1)),
         attempts: 1,
         transient_failures: 0,
-        run_at: time::OffsetDateTime::now_utc(),
+        delay: Duration::ZERO,
         last_error: "throttled".into(),
         dead: false,
         split_dead: Some(DeadSplit {

@@ -13,6 +13,9 @@ const MAX_SETTING: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct WorkerConfig {
     /// Jobs claimed at a time (default 100).
     pub batch_size: usize,
+    /// Bytes of records claimed at a time, about (default 4 MiB; a claim always takes at least
+    /// one job). With `concurrency`, it bounds the worker's memory whatever the backlog.
+    pub max_claim_bytes: usize,
     /// Claimed batches being delivered at once (default 4).
     pub concurrency: usize,
     /// How often to look for due jobs when nothing wakes the worker (default 500 ms).
@@ -43,6 +46,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             batch_size: 100,
+            max_claim_bytes: 4 * 1024 * 1024,
             concurrency: 4,
             poll_interval: Duration::from_millis(500),
             lease: Duration::from_secs(300),
@@ -60,6 +64,12 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// Sets the bytes claimed at a time (see the field).
+    pub fn with_max_claim_bytes(mut self, value: usize) -> Self {
+        self.max_claim_bytes = value;
+        self
+    }
+
     /// Sets jobs claimed at a time (see the field).
     pub fn with_batch_size(mut self, value: usize) -> Self {
         self.batch_size = value;
@@ -143,6 +153,9 @@ impl WorkerConfig {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
         if self.batch_size == 0 {
             return bad("batch size must be at least 1");
+        }
+        if self.max_claim_bytes == 0 {
+            return bad("claim bytes must be at least 1");
         }
         if self.concurrency == 0 {
             return bad("concurrency must be at least 1");

@@ -151,6 +151,8 @@ impl<DB: Backend> Worker<DB> {
         let config = &shared.config;
         let wake = Arc::new(Notify::new());
         let listener = DB::wake_on_insert(&shared.pool, wake.clone()).map(tokio::spawn);
+        // Commits made in this process wake the worker directly.
+        let mut local = crate::wake::subscribe_local();
         let permits = Arc::new(Semaphore::new(config.concurrency));
         let mut units: JoinSet<()> = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -168,13 +170,24 @@ impl<DB: Backend> Worker<DB> {
             while units.try_join_next().is_some() {}
             sequence += 1;
             let owner = format!("{id}:{sequence}");
-            let claimed = DB::claim(&shared.pool, &owner, config.batch_size as i64, config.lease)
-                .instrument(tracing::debug_span!("claim", owner = %owner))
-                .await;
+            let claimed = DB::claim(
+                &shared.pool,
+                &owner,
+                config.batch_size as i64,
+                config.max_claim_bytes,
+                config.lease,
+            )
+            .instrument(tracing::debug_span!("claim", owner = %owner))
+            .await;
             let claimed = match claimed {
                 Ok(claimed) => {
                     claim_failures = 0;
                     claimed
+                }
+                Err(e @ Error::NotMigrated) => {
+                    tracing::error!(error = %e, "cannot deliver");
+                    outcome = Err(e);
+                    break;
                 }
                 Err(e) => {
                     claim_failures += 1;
@@ -210,6 +223,7 @@ impl<DB: Backend> Worker<DB> {
                     biased;
                     () = &mut shutdown => break,
                     () = wake.notified() => {}
+                    _ = local.changed() => {}
                     () = tokio::time::sleep(config.poll_interval) => {}
                     Some(_) = units.join_next(), if !units.is_empty() => {}
                 }
@@ -335,7 +349,7 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
             continue;
         }
         stats.failed_records.fetch_add(failed, Ordering::Relaxed);
-        let update = publish::reschedule(job, &shared.config, now);
+        let update = publish::reschedule(job, &shared.config);
         let configuration = job
             .outcomes
             .iter()

@@ -3,8 +3,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use time::OffsetDateTime;
-
 use super::WorkerConfig;
 use super::metrics::{CodeLabel, Metrics, OutcomeLabel};
 use super::sink::{ErrorClass, Failure, OutRecord, Sink};
@@ -202,7 +200,7 @@ fn describe(record: &StoredRecord, failure: &Failure, failed: usize, total: usiz
 ///   are split off into a dead job of their own and the rest is retried.
 /// - Only transient failures count toward `max_attempts`; throttling and configuration errors
 ///   never make a job dead.
-pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig, now: OffsetDateTime) -> Reschedule {
+pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     let attempts = job.claimed.attempts.saturating_add(1);
     let records = match &job.records {
         Ok(records) => records,
@@ -212,7 +210,7 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig, now: OffsetDateT
                 records: None,
                 attempts,
                 transient_failures: job.claimed.transient_failures,
-                run_at: now,
+                delay: Duration::ZERO,
                 last_error: format!("corrupt job: {message}"),
                 dead: true,
                 split_dead: None,
@@ -246,7 +244,7 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig, now: OffsetDateT
             records: Some(encode(&permanent)),
             attempts,
             transient_failures: job.claimed.transient_failures,
-            run_at: now,
+            delay: Duration::ZERO,
             last_error: permanent_error.expect("a failed record"),
             dead: true,
             split_dead: None,
@@ -275,9 +273,7 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig, now: OffsetDateT
         records: Some(encode(&retryable)),
         attempts,
         transient_failures,
-        run_at: now
-            .checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::DAY))
-            .unwrap_or(now),
+        delay,
         last_error: describe(record, failure, retryable.len(), total),
         dead: transient_failures >= config.max_attempts,
         split_dead: permanent_error.map(|last_error| {
@@ -297,6 +293,7 @@ mod tests {
     use crate::event::EventId;
     use crate::store::JobId;
     use crate::store::records::encode_parts;
+    use time::OffsetDateTime;
 
     fn job(attempts: i32, records: &[(&str, usize)]) -> JobState {
         let data: Vec<String> = records
@@ -374,7 +371,6 @@ mod tests {
             max_attempts: 3,
             ..WorkerConfig::default()
         };
-        let now = OffsetDateTime::now_utc();
         for (class, dead) in [
             (ErrorClass::Transient, true),
             (ErrorClass::Throttled, false),
@@ -383,7 +379,7 @@ mod tests {
         ] {
             let mut state = job(2, &[("a", 1), ("a", 1)]);
             state.outcomes[1] = failure(class);
-            let r = reschedule(&state, &config, now);
+            let r = reschedule(&state, &config);
             assert_eq!(r.dead, dead, "{class:?}");
             assert_eq!(r.attempts, 3);
             let (records, count) = r.records.unwrap();
@@ -400,7 +396,7 @@ mod tests {
         }
         let mut early = job(0, &[("a", 1)]);
         early.outcomes[0] = failure(ErrorClass::Transient);
-        assert!(!reschedule(&early, &config, now).dead);
+        assert!(!reschedule(&early, &config).dead);
     }
 
     #[test]
@@ -412,7 +408,7 @@ mod tests {
         let mut state = job(0, &[("a", 1)]);
         state.claimed.attempts = 24; // 24 throttled deliveries before
         state.outcomes[0] = failure(ErrorClass::Transient);
-        let r = reschedule(&state, &config, OffsetDateTime::now_utc());
+        let r = reschedule(&state, &config);
         assert_eq!((r.attempts, r.transient_failures, r.dead), (25, 1, false));
     }
 
@@ -421,7 +417,7 @@ mod tests {
         let mut state = job(0, &[("a", 1), ("a", 2), ("a", 3)]);
         state.outcomes[0] = failure(ErrorClass::Permanent);
         state.outcomes[1] = failure(ErrorClass::Throttled);
-        let r = reschedule(&state, &WorkerConfig::default(), OffsetDateTime::now_utc());
+        let r = reschedule(&state, &WorkerConfig::default());
         assert!(!r.dead);
         let (records, count) = r.records.unwrap();
         assert_eq!(count, 1);
@@ -452,7 +448,7 @@ mod tests {
             records: "[{\"id\":".into(),
             created_at: OffsetDateTime::now_utc(),
         });
-        let r = reschedule(&state, &WorkerConfig::default(), OffsetDateTime::now_utc());
+        let r = reschedule(&state, &WorkerConfig::default());
         assert!(
             r.dead && r.records.is_none() && r.last_error.contains("corrupt"),
             "{r:?}"

@@ -31,10 +31,22 @@ macro_rules! impl_backend {
                 pool: &'a $pool,
                 owner: &'a str,
                 limit: i64,
+                max_bytes: usize,
                 lease: std::time::Duration,
             ) -> $crate::store::BoxFuture<'a, Result<Vec<$crate::store::Claimed>, $crate::Error>>
             {
-                Box::pin(claim(pool, owner, limit, lease))
+                Box::pin(claim(pool, owner, limit, max_bytes, lease))
+            }
+            fn begin(
+                pool: &$pool,
+            ) -> $crate::store::BoxFuture<'_, Result<sqlx::Transaction<'static, $db>, $crate::Error>>
+            {
+                Box::pin(begin(pool))
+            }
+            fn announce(
+                pool: &$pool,
+            ) -> Option<$crate::store::BoxFuture<'_, Result<(), $crate::Error>>> {
+                announce(pool)
             }
             fn complete<'a>(
                 pool: &'a $pool,
@@ -97,7 +109,23 @@ pub(crate) use migrate::{Migration, pending};
 #[cfg(feature = "worker")]
 pub(crate) use records::encode_stored;
 pub(crate) use records::group;
+pub use records::{MAX_JOB_BYTES, MAX_JOB_RECORDS};
 pub use records::{StoredRecord, decode_records};
+
+/// Turns "journaled's tables are missing" into [`Error::NotMigrated`]; other errors pass.
+pub(crate) fn db_error(error: sqlx::Error) -> Error {
+    if let sqlx::Error::Database(db) = &error {
+        let message = db.message();
+        let missing = message.contains("journaled.jobs")
+            || message.contains("\"journaled\"")
+            || message.contains("\"jobs\"")
+            || message.contains("no such table: journaled_");
+        if missing && (message.contains("does not exist") || message.contains("no such table")) {
+            return Error::NotMigrated;
+        }
+    }
+    Error::Database(error)
+}
 
 /// A boxed, sendable future, as the backends return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -120,10 +148,14 @@ impl std::fmt::Display for JobId {
 pub struct NewJob {
     /// Lower runs first.
     pub priority: i32,
-    /// When it becomes due; `None` is now.
+    /// When it becomes due, at a set time; `None` is now plus `delay`.
     pub run_at: Option<OffsetDateTime>,
+    /// How long after the database's `now()` it becomes due; `None` is at once.
+    pub delay: Option<std::time::Duration>,
     /// How many records `records` holds.
     pub event_count: i32,
+    /// The length of `records` in bytes.
+    pub bytes: i32,
     /// The encoded records (see the module docs).
     pub records: String,
 }
@@ -189,8 +221,8 @@ pub struct Reschedule {
     pub attempts: i32,
     /// Failed deliveries that count toward the attempt limit, this one included if transient.
     pub transient_failures: i32,
-    /// When to try again.
-    pub run_at: OffsetDateTime,
+    /// How long after the database's `now()` to try again (the worker's clock is never used).
+    pub delay: std::time::Duration,
     /// Why it failed.
     pub last_error: String,
     /// Give up: keep it, with its error, until `journaled retry`.
@@ -254,14 +286,29 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// All job rows, oldest first (for status, tests and examples).
     fn jobs(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<Vec<Job>, Error>>;
 
-    /// Claims up to `limit` due jobs, lowest priority value first, leasing them to `owner` for
-    /// `lease`. One short statement: no lock outlives it.
+    /// Claims up to `limit` due jobs and about `max_bytes` of records (always at least one
+    /// job), lowest priority value first, leasing them to `owner` for `lease`. First promotes
+    /// the delayed, leased and backing-off jobs that fell due; then claims from the ready
+    /// jobs alone, so the cost does not grow with jobs that are not due. Short statements: no
+    /// lock outlives them.
     fn claim<'a>(
         pool: &'a sqlx::Pool<Self>,
         owner: &'a str,
         limit: i64,
+        max_bytes: usize,
         lease: std::time::Duration,
     ) -> BoxFuture<'a, Result<Vec<Claimed>, Error>>;
+
+    /// Begins the transaction a [`Journaled`](crate::Journaled) writes in: on SQLite
+    /// `BEGIN IMMEDIATE`, so a read-then-write transaction never fails with "database is
+    /// locked" when another connection wrote in between.
+    fn begin(
+        pool: &sqlx::Pool<Self>,
+    ) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Self>, Error>>;
+
+    /// Tells workers in other processes that jobs were committed, outside any application
+    /// transaction (PostgreSQL: one `NOTIFY`); `None` where the backend cannot (SQLite).
+    fn announce(pool: &sqlx::Pool<Self>) -> Option<BoxFuture<'_, Result<(), Error>>>;
 
     /// Deletes delivered jobs that `owner` still holds; returns how many.
     fn complete<'a>(

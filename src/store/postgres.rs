@@ -6,7 +6,9 @@ use time::OffsetDateTime;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending};
+use super::{
+    BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, db_error, pending,
+};
 use crate::Error;
 
 /// The channel a NOTIFY is sent on when jobs are inserted.
@@ -15,44 +17,84 @@ pub const NOTIFY_CHANNEL: &str = "journaled_jobs";
 /// An arbitrary constant that serializes concurrent `migrate` calls.
 const MIGRATION_LOCK: i64 = 0x6a6f_7572_6e61_6c64; // "journald"
 
-pub(crate) static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "jobs",
-    sql: include_str!("../../migrations/postgres/0001_jobs.sql"),
-}];
+pub(crate) static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "jobs",
+        sql: include_str!("../../migrations/postgres/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "ready queue, no NOTIFY trigger",
+        sql: include_str!("../../migrations/postgres/0002_ready_queue.sql"),
+    },
+];
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
 async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
+    // Due times are the database's: `now()` plus the delay, never the application's clock.
     if let [job] = jobs {
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO journaled.jobs (priority, run_at, event_count, records) \
-             VALUES ($1, COALESCE($2, now()), $3, $4) RETURNING id",
+            "INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records) \
+             SELECT $1, r, r <= now(), $4, $5, $6 \
+             FROM (SELECT coalesce($2, now() + make_interval(secs => coalesce($3, 0))) AS r) AS due \
+             RETURNING id",
         )
         .bind(job.priority)
         .bind(job.run_at)
+        .bind(job.delay.map(|d| d.as_secs_f64()))
         .bind(job.event_count)
+        .bind(job.bytes)
         .bind(&job.records)
         .fetch_one(conn)
-        .await?;
+        .await
+        .map_err(db_error)?;
         return Ok(vec![JobId(id)]);
     }
+    // Every row in one statement, however many a large transaction needs.
     let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
     let run_ats: Vec<Option<OffsetDateTime>> = jobs.iter().map(|j| j.run_at).collect();
+    let delays: Vec<Option<f64>> = jobs
+        .iter()
+        .map(|j| j.delay.map(|d| d.as_secs_f64()))
+        .collect();
     let counts: Vec<i32> = jobs.iter().map(|j| j.event_count).collect();
+    let bytes: Vec<i32> = jobs.iter().map(|j| j.bytes).collect();
     let records: Vec<&str> = jobs.iter().map(|j| j.records.as_str()).collect();
     let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO journaled.jobs (priority, run_at, event_count, records) \
-         SELECT p, COALESCE(r, now()), c, d \
-         FROM UNNEST($1::int4[], $2::timestamptz[], $3::int4[], $4::text[]) WITH ORDINALITY AS t(p, r, c, d, n) \
+        "INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records) \
+         SELECT p, r, r <= now(), c, b, d FROM ( \
+             SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, b, d, n \
+             FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::int4[], $5::int4[], $6::text[]) \
+                  WITH ORDINALITY AS t(p, a, dl, c, b, d, n)) AS due \
          ORDER BY n RETURNING id",
     )
     .bind(&priorities)
     .bind(&run_ats)
+    .bind(&delays)
     .bind(&counts)
+    .bind(&bytes)
     .bind(&records)
     .fetch_all(conn)
-    .await?;
+    .await
+    .map_err(db_error)?;
     Ok(ids.into_iter().map(JobId).collect())
+}
+
+async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
+    Ok(pool.begin().await?)
+}
+
+/// One `NOTIFY`, in its own short transaction on a pooled connection: never inside an
+/// application's transaction.
+fn announce(pool: &PgPool) -> Option<BoxFuture<'_, Result<(), Error>>> {
+    Some(Box::pin(async move {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }))
 }
 
 #[tracing::instrument(name = "journaled.migrate", skip_all, err)]
@@ -128,32 +170,55 @@ async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
         .collect()
 }
 
+/// Jobs promoted from waiting to ready per statement (the rest on the next claim).
+const PROMOTE_BATCH: i64 = 1000;
+
 #[tracing::instrument(name = "journaled.claim", skip_all, fields(limit, claimed), err)]
 async fn claim(
     pool: &PgPool,
     owner: &str,
     limit: i64,
+    max_bytes: usize,
     lease: Duration,
 ) -> Result<Vec<Claimed>, Error> {
+    // Delayed, leased and backing-off jobs whose time came: a range scan of the waiting
+    // index that stops at the first job not yet due.
+    sqlx::query(
+        "UPDATE journaled.jobs SET ready = true \
+         WHERE id IN (SELECT id FROM journaled.jobs \
+                      WHERE NOT ready AND dead_at IS NULL AND run_at <= now() \
+                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(PROMOTE_BATCH)
+    .execute(pool)
+    .await
+    .map_err(db_error)?;
+    // Ready jobs only, by priority: the not-due backlog is in another index. The running
+    // byte total keeps a claim near `max_bytes`; the first job is always taken.
     let rows = sqlx::query(
-        "WITH due AS ( \
-             SELECT id FROM journaled.jobs \
-             WHERE dead_at IS NULL AND run_at <= now() \
-             ORDER BY priority, run_at, id \
+        "WITH picked AS ( \
+             SELECT id, priority, bytes FROM journaled.jobs \
+             WHERE ready \
+             ORDER BY priority, id \
              LIMIT $1 \
-             FOR UPDATE SKIP LOCKED) \
+             FOR UPDATE SKIP LOCKED), \
+         sized AS ( \
+             SELECT id, sum(bytes) OVER (ORDER BY priority, id) - bytes AS before FROM picked) \
          UPDATE journaled.jobs j \
-         SET locked_by = $2, \
+         SET ready = false, \
+             locked_by = $2, \
              locked_until = now() + make_interval(secs => $3), \
              run_at = now() + make_interval(secs => $3) \
-         FROM due WHERE j.id = due.id \
+         FROM sized WHERE j.id = sized.id AND (sized.before = 0 OR sized.before < $4) \
          RETURNING j.id, j.priority, j.attempts, j.transient_failures, j.records, j.created_at",
     )
     .bind(limit)
     .bind(owner)
     .bind(lease.as_secs_f64())
+    .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
     .fetch_all(pool)
-    .await?;
+    .await
+    .map_err(db_error)?;
     let mut claimed = rows
         .iter()
         .map(|row| {
@@ -192,7 +257,9 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
     // happen together or not at all.
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
-        "UPDATE journaled.jobs SET records = coalesce($3, records), event_count = coalesce($4, event_count), attempts = $5, run_at = $6, \
+        "UPDATE journaled.jobs SET records = coalesce($3, records), event_count = coalesce($4, event_count), \
+             bytes = coalesce(octet_length($3), bytes), attempts = $5, \
+             run_at = now() + make_interval(secs => $6), ready = false, \
              last_error = $7, dead_at = CASE WHEN $8 THEN now() END, \
              transient_failures = $9, locked_by = NULL, locked_until = NULL \
          WHERE id = $1 AND locked_by = $2",
@@ -202,7 +269,7 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
     .bind(job.records.as_ref().map(|(records, _)| records.as_str()))
     .bind(job.records.as_ref().map(|(_, count)| *count))
     .bind(job.attempts)
-    .bind(job.run_at)
+    .bind(job.delay.as_secs_f64())
     .bind(&job.last_error)
     .bind(job.dead)
     .bind(job.transient_failures)
@@ -213,9 +280,9 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
     }
     if let Some(split) = &job.split_dead {
         sqlx::query(
-            "INSERT INTO journaled.jobs (priority, run_at, attempts, transient_failures, last_error, \
-                 dead_at, created_at, event_count, records) \
-             SELECT priority, now(), attempts, transient_failures, $2, now(), created_at, $3, $4 \
+            "INSERT INTO journaled.jobs (priority, run_at, ready, attempts, transient_failures, last_error, \
+                 dead_at, created_at, event_count, bytes, records) \
+             SELECT priority, now(), false, attempts, transient_failures, $2, now(), created_at, $3, octet_length($4), $4 \
              FROM journaled.jobs WHERE id = $1",
         )
         .bind(job.id.0)
@@ -232,7 +299,7 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
 #[tracing::instrument(name = "journaled.release", skip_all, err)]
 async fn release(pool: &PgPool, owner: &str) -> Result<u64, Error> {
     Ok(sqlx::query(
-        "UPDATE journaled.jobs SET locked_by = NULL, locked_until = NULL, run_at = now() \
+        "UPDATE journaled.jobs SET locked_by = NULL, locked_until = NULL, run_at = now(), ready = true \
          WHERE locked_by = $1 AND dead_at IS NULL",
     )
     .bind(owner)
@@ -247,7 +314,7 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
         "SELECT \
            count(*) FILTER (WHERE dead_at IS NULL) AS pending_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NULL), 0)::int8 AS pending_events, \
-           count(*) FILTER (WHERE dead_at IS NULL AND run_at <= now()) AS due_jobs, \
+           count(*) FILTER (WHERE ready OR (dead_at IS NULL AND run_at <= now())) AS due_jobs, \
            count(*) FILTER (WHERE dead_at IS NULL AND locked_until > now()) AS leased_jobs, \
            count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0)::int8 AS dead_events, \
@@ -255,7 +322,8 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
          FROM journaled.jobs",
     )
     .fetch_one(pool)
-    .await?;
+    .await
+    .map_err(db_error)?;
     Ok(Status {
         pending_jobs: row.try_get("pending_jobs")?,
         pending_events: row.try_get("pending_events")?,
@@ -272,16 +340,16 @@ async fn retry(pool: &PgPool, job: Option<JobId>) -> Result<u64, Error> {
     let query = match job {
         Some(id) => sqlx::query(
             "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
-                 run_at = now(), locked_by = NULL, locked_until = NULL \
+                 run_at = now(), ready = true, locked_by = NULL, locked_until = NULL \
              WHERE id = $1 AND (dead_at IS NOT NULL OR locked_until IS NULL OR locked_until < now())",
         )
         .bind(id.0),
         None => sqlx::query(
             "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
-                 run_at = now(), locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
+                 run_at = now(), ready = true, locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
         ),
     };
-    Ok(query.execute(pool).await?.rows_affected())
+    Ok(query.execute(pool).await.map_err(db_error)?.rows_affected())
 }
 
 async fn listen(pool: PgPool, notify: Arc<tokio::sync::Notify>) {

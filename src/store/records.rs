@@ -4,10 +4,9 @@
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use time::OffsetDateTime;
 
 use super::NewJob;
-use crate::event::{EventId, Prepared};
+use crate::event::{EventId, Prepared, RunAt};
 
 /// One event as stored in a job: where it goes and its exact bytes.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -83,28 +82,59 @@ pub fn decode_records(text: &str) -> Result<Vec<StoredRecord>, String> {
     serde_json::from_str(text).map_err(|e| format!("records are not decodable: {e}"))
 }
 
-/// Groups staged events into jobs: one per distinct (priority, run-at), in first-seen order.
-/// Delays are resolved against one clock reading, so events with the same delay share a job.
+/// Most records one job row holds: one `PutRecords` request's worth.
+pub const MAX_JOB_RECORDS: usize = 500;
+/// Most bytes (data plus partition keys) one job row holds: one `PutRecords` request's worth.
+pub const MAX_JOB_BYTES: usize = 5 * 1024 * 1024;
+
+/// Groups staged events into jobs: one group per distinct (priority, run-at), in first-seen
+/// order, cut into rows of at most [`MAX_JOB_RECORDS`] records and [`MAX_JOB_BYTES`] bytes, so
+/// that no row outgrows one `PutRecords` request however large the transaction. A delay is
+/// passed to the database, which adds it to its own clock: events with the same delay share a
+/// job, and no application clock is compared with the database's.
 pub(crate) fn group(staged: &[Prepared]) -> Vec<NewJob> {
-    let now = OffsetDateTime::now_utc();
-    let mut groups: Vec<(i32, Option<OffsetDateTime>, Vec<&Prepared>)> = Vec::new();
+    let mut groups: Vec<(i32, Option<RunAt>, Vec<&Prepared>)> = Vec::new();
     for event in staged {
-        let run_at = crate::event::resolve(event.run_at, now);
         match groups
             .iter_mut()
-            .find(|(priority, at, _)| *priority == event.priority && *at == run_at)
+            .find(|(priority, at, _)| *priority == event.priority && *at == event.run_at)
         {
             Some((_, _, events)) => events.push(event),
-            None => groups.push((event.priority, run_at, vec![event])),
+            None => groups.push((event.priority, event.run_at, vec![event])),
         }
     }
-    groups
-        .into_iter()
-        .map(|(priority, run_at, events)| NewJob {
-            priority,
-            run_at,
-            event_count: events.len() as i32,
-            records: encode_records(events),
-        })
-        .collect()
+    let mut jobs = Vec::with_capacity(groups.len());
+    for (priority, run_at, events) in groups {
+        let mut start = 0;
+        while start < events.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < events.len() && end - start < MAX_JOB_RECORDS {
+                let size = events[end].data.len() + events[end].partition_key.len();
+                if end > start && bytes + size > MAX_JOB_BYTES {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            let chunk = &events[start..end];
+            let records = encode_records(chunk.iter().copied());
+            jobs.push(NewJob {
+                priority,
+                run_at: match run_at {
+                    Some(RunAt::At(at)) => Some(at),
+                    _ => None,
+                },
+                delay: match run_at {
+                    Some(RunAt::After(delay)) => Some(delay),
+                    _ => None,
+                },
+                event_count: chunk.len() as i32,
+                bytes: records.len() as i32,
+                records,
+            });
+            start = end;
+        }
+    }
+    jobs
 }

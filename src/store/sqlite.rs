@@ -6,14 +6,30 @@ use time::OffsetDateTime;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, pending};
+use super::{
+    BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, db_error, pending,
+};
 use crate::Error;
 
-pub(crate) static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "jobs",
-    sql: include_str!("../../migrations/sqlite/0001_jobs.sql"),
-}];
+pub(crate) static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "jobs",
+        sql: include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "ready queue",
+        sql: include_str!("../../migrations/sqlite/0002_ready_queue.sql"),
+    },
+];
+
+/// The database's clock in Unix milliseconds, as SQL: every due time is computed with it,
+/// never with a process's clock.
+const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+/// Rows per multi-row INSERT (SQLite allows 32,766 bound parameters per statement).
+const INSERT_ROWS: usize = 1000;
 
 /// Unix milliseconds, as SQLite stores times.
 pub(crate) fn to_millis(at: OffsetDateTime) -> i64 {
@@ -28,23 +44,45 @@ pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, Error> {
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
 async fn insert_jobs(conn: &mut SqliteConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
-    let now = to_millis(OffsetDateTime::now_utc());
     let mut ids = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO journaled_jobs (priority, run_at, event_count, records, created_at) \
-             VALUES (?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(job.priority)
-        .bind(job.run_at.map(to_millis).unwrap_or(now))
-        .bind(job.event_count)
-        .bind(&job.records)
-        .bind(now)
-        .fetch_one(&mut *conn)
-        .await?;
-        ids.push(JobId(id));
+    for rows in jobs.chunks(INSERT_ROWS) {
+        // Due time: a set time, or the database's clock plus the delay.
+        let values =
+            vec![format!("(?, coalesce(?, {NOW_MS} + ?), ?, ?, ?, ?, {NOW_MS})"); rows.len()]
+                .join(", ");
+        let sql = format!(
+            "INSERT INTO journaled_jobs (priority, run_at, ready, event_count, bytes, records, created_at) \
+             VALUES {values} RETURNING id"
+        );
+        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+        for job in rows {
+            query = query
+                .bind(job.priority)
+                .bind(job.run_at.map(to_millis))
+                .bind(job.delay.map_or(0, |d| d.as_millis() as i64))
+                // Due now: ready at once. A set or delayed time waits; the worker promotes it
+                // when the database's clock reaches it (at once if it is already past).
+                .bind(job.run_at.is_none() && job.delay.is_none())
+                .bind(job.event_count)
+                .bind(job.bytes)
+                .bind(&job.records);
+        }
+        let mut inserted = query.fetch_all(&mut *conn).await.map_err(db_error)?;
+        inserted.sort_unstable();
+        ids.extend(inserted.into_iter().map(JobId));
     }
     Ok(ids)
+}
+
+async fn begin(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, Sqlite>, Error> {
+    // IMMEDIATE takes the write lock at once (waiting up to the busy timeout), so a
+    // read-then-write transaction cannot fail to upgrade after another connection wrote.
+    Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
+}
+
+/// SQLite has no notifications: workers in other processes poll.
+fn announce(_pool: &SqlitePool) -> Option<BoxFuture<'_, Result<(), Error>>> {
+    None
 }
 
 #[tracing::instrument(name = "journaled.migrate", skip_all, err)]
@@ -122,24 +160,39 @@ async fn claim(
     pool: &SqlitePool,
     owner: &str,
     limit: i64,
+    max_bytes: usize,
     lease: Duration,
 ) -> Result<Vec<Claimed>, Error> {
-    let now = now_ms();
-    let until = now + lease.as_millis() as i64;
-    // One statement under SQLite's write lock: nobody else can claim the same rows.
-    let rows = sqlx::query(
-        "UPDATE journaled_jobs SET locked_by = ?1, locked_until = ?2, run_at = ?2 \
+    // Delayed, leased and backing-off jobs whose time came: a range scan of the waiting
+    // index that stops at the first job not yet due.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE journaled_jobs SET ready = 1 \
          WHERE id IN (SELECT id FROM journaled_jobs \
-                      WHERE dead_at IS NULL AND run_at <= ?3 \
-                      ORDER BY priority, run_at, id LIMIT ?4) \
-         RETURNING id, priority, attempts, transient_failures, records, created_at",
-    )
+                      WHERE ready = 0 AND dead_at IS NULL AND run_at <= {NOW_MS} \
+                      ORDER BY run_at LIMIT 1000)"
+    )))
+    .execute(pool)
+    .await
+    .map_err(db_error)?;
+    // One statement under SQLite's write lock: nobody else can claim the same rows. Ready
+    // jobs only, by priority; the running byte total keeps the claim near `max_bytes`.
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE journaled_jobs SET ready = 0, locked_by = ?1, \
+             locked_until = {NOW_MS} + ?2, run_at = {NOW_MS} + ?2 \
+         WHERE id IN (SELECT id FROM ( \
+                          SELECT id, sum(bytes) OVER (ORDER BY priority, id) - bytes AS before \
+                          FROM (SELECT id, priority, bytes FROM journaled_jobs WHERE ready = 1 \
+                                ORDER BY priority, id LIMIT ?3)) \
+                      WHERE before = 0 OR before < ?4) \
+         RETURNING id, priority, attempts, transient_failures, records, created_at"
+    )))
     .bind(owner)
-    .bind(until)
-    .bind(now)
+    .bind(lease.as_millis() as i64)
     .bind(limit)
+    .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
     .fetch_all(pool)
-    .await?;
+    .await
+    .map_err(db_error)?;
     let mut claimed = rows
         .iter()
         .map(|row| {
@@ -181,7 +234,9 @@ async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<
     // job happen together or not at all.
     let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
     let done = sqlx::query(
-        "UPDATE journaled_jobs SET records = coalesce(?3, records), event_count = coalesce(?4, event_count), attempts = ?5, run_at = ?6, \
+        "UPDATE journaled_jobs SET records = coalesce(?3, records), event_count = coalesce(?4, event_count), \
+             bytes = coalesce(length(CAST(?3 AS BLOB)), bytes), attempts = ?5, \
+             run_at = CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + ?6, ready = 0, \
              last_error = ?7, dead_at = CASE WHEN ?8 THEN ?9 END, \
              transient_failures = ?10, locked_by = NULL, locked_until = NULL \
          WHERE id = ?1 AND locked_by = ?2",
@@ -191,7 +246,7 @@ async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<
     .bind(job.records.as_ref().map(|(records, _)| records.as_str()))
     .bind(job.records.as_ref().map(|(_, count)| *count))
     .bind(job.attempts)
-    .bind(to_millis(job.run_at))
+    .bind(job.delay.as_millis() as i64)
     .bind(&job.last_error)
     .bind(job.dead)
     .bind(now)
@@ -203,9 +258,9 @@ async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<
     }
     if let Some(split) = &job.split_dead {
         sqlx::query(
-            "INSERT INTO journaled_jobs (priority, run_at, attempts, transient_failures, last_error, \
-                 dead_at, created_at, event_count, records) \
-             SELECT priority, ?2, attempts, transient_failures, ?3, ?2, created_at, ?4, ?5 \
+            "INSERT INTO journaled_jobs (priority, run_at, ready, attempts, transient_failures, last_error, \
+                 dead_at, created_at, event_count, bytes, records) \
+             SELECT priority, ?2, 0, attempts, transient_failures, ?3, ?2, created_at, ?4, length(CAST(?5 AS BLOB)), ?5 \
              FROM journaled_jobs WHERE id = ?1",
         )
         .bind(job.id.0)
@@ -223,7 +278,7 @@ async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<
 #[tracing::instrument(name = "journaled.release", skip_all, err)]
 async fn release(pool: &SqlitePool, owner: &str) -> Result<u64, Error> {
     Ok(sqlx::query(
-        "UPDATE journaled_jobs SET locked_by = NULL, locked_until = NULL, run_at = ?2 \
+        "UPDATE journaled_jobs SET locked_by = NULL, locked_until = NULL, run_at = ?2, ready = 1 \
          WHERE locked_by = ?1 AND dead_at IS NULL",
     )
     .bind(owner)
@@ -240,7 +295,7 @@ async fn status(pool: &SqlitePool) -> Result<Status, Error> {
         "SELECT \
            count(*) FILTER (WHERE dead_at IS NULL) AS pending_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NULL), 0) AS pending_events, \
-           count(*) FILTER (WHERE dead_at IS NULL AND run_at <= ?1) AS due_jobs, \
+           count(*) FILTER (WHERE ready = 1 OR (dead_at IS NULL AND run_at <= ?1)) AS due_jobs, \
            count(*) FILTER (WHERE dead_at IS NULL AND locked_until > ?1) AS leased_jobs, \
            count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0) AS dead_events, \
@@ -249,7 +304,8 @@ async fn status(pool: &SqlitePool) -> Result<Status, Error> {
     )
     .bind(now)
     .fetch_one(pool)
-    .await?;
+    .await
+    .map_err(db_error)?;
     let oldest: Option<i64> = row.try_get("oldest")?;
     Ok(Status {
         pending_jobs: row.try_get("pending_jobs")?,
@@ -268,18 +324,18 @@ async fn retry(pool: &SqlitePool, job: Option<JobId>) -> Result<u64, Error> {
     let query = match job {
         Some(id) => sqlx::query(
             "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
-                 run_at = ?1, locked_by = NULL, locked_until = NULL \
+                 run_at = ?1, ready = 1, locked_by = NULL, locked_until = NULL \
              WHERE id = ?2 AND (dead_at IS NOT NULL OR locked_until IS NULL OR locked_until < ?1)",
         )
         .bind(now)
         .bind(id.0),
         None => sqlx::query(
             "UPDATE journaled_jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
-                 run_at = ?1, locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
+                 run_at = ?1, ready = 1, locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
         )
         .bind(now),
     };
-    Ok(query.execute(pool).await?.rows_affected())
+    Ok(query.execute(pool).await.map_err(db_error)?.rows_affected())
 }
 
 /// SQLite has no notifications: the worker polls.

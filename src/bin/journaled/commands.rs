@@ -17,7 +17,7 @@ use crate::db::DbPool;
 pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Migrate => {
-            let pool = DbPool::connect(&cli.database_url).await?;
+            let pool = DbPool::connect(&cli.database_url, true).await?;
             pool.migrate().await?;
             println!("journaled: migrations are up to date");
             Ok(ExitCode::SUCCESS)
@@ -34,7 +34,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Worker(args) => run_worker(&cli.database_url, &args).await,
         Command::Status { json } => {
-            let pool = DbPool::connect(&cli.database_url).await?;
+            let pool = DbPool::connect(&cli.database_url, false).await?;
             let status = match &pool {
                 DbPool::Postgres(pool) => journaled::store::status(pool).await?,
                 DbPool::Sqlite(pool) => journaled::store::status(pool).await?,
@@ -64,7 +64,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
             job_id,
             all_dead: _,
         } => {
-            let pool = DbPool::connect(&cli.database_url).await?;
+            let pool = DbPool::connect(&cli.database_url, false).await?;
             let job = job_id.map(JobId);
             let n = match &pool {
                 DbPool::Postgres(pool) => journaled::store::retry(pool, job).await?,
@@ -136,7 +136,7 @@ async fn run_worker(database_url: &str, args: &WorkerArgs) -> Result<ExitCode, E
     };
     let config = args.worker_config();
     config.validate()?;
-    let pool = DbPool::connect(database_url).await?;
+    let pool = DbPool::connect(database_url, false).await?;
     let sink = KinesisSink::new(args.aws.kinesis_config().client().await);
     let shutdown = shutdown_signal();
     match pool {

@@ -12,8 +12,10 @@ pub enum DbPool {
 }
 
 impl DbPool {
-    /// Connects, choosing the backend by the URL's scheme.
-    pub async fn connect(url: &str) -> Result<DbPool, Error> {
+    /// Connects, choosing the backend by the URL's scheme. Only `create` (what `journaled
+    /// migrate` asks for) may create a SQLite file; otherwise a missing file is an error that
+    /// says to run `journaled migrate`.
+    pub async fn connect(url: &str, create: bool) -> Result<DbPool, Error> {
         let scheme = url.split(':').next().unwrap_or_default();
         match scheme {
             "postgres" | "postgresql" => {
@@ -41,6 +43,18 @@ impl DbPool {
                     .map_err(|e| Error::Config(format!("bad DATABASE_URL {}: {e}", redact(url))))?
                     .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                     .busy_timeout(std::time::Duration::from_secs(10));
+                let options = if create {
+                    options
+                } else {
+                    let file = options.get_filename().to_owned();
+                    if file != std::path::Path::new(":memory:") && !file.exists() {
+                        return Err(Error::Config(format!(
+                            "there is no SQLite database at {}: run `journaled migrate` to create it (or set DATABASE_URL)",
+                            file.display()
+                        )));
+                    }
+                    options.create_if_missing(false)
+                };
                 Ok(DbPool::Sqlite(
                     sqlx::sqlite::SqlitePoolOptions::new()
                         .connect_with(options)

@@ -1,0 +1,116 @@
+//! Waking workers after a commit without a lock in the writer's transaction (invariant 9).
+//!
+//! A `NOTIFY` inside the writer's transaction takes PostgreSQL's global notification lock at
+//! COMMIT and holds it through the WAL flush, so committers queue behind one another. Instead:
+//! - workers in this process are woken directly, in memory, after the COMMIT;
+//! - workers in other processes are woken by an [`Announcer`]: after a commit it waits a few
+//!   milliseconds, so that every commit in that window shares one notification, then sends one
+//!   `NOTIFY` on its own pooled connection, outside any application transaction;
+//! - workers poll as a fallback, and claim again at once while claims come back non-empty.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::Error;
+use crate::store::BoxFuture;
+
+static LOCAL: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0).0);
+
+/// Wakes the workers running in this process.
+pub(crate) fn wake_local() {
+    LOCAL.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// What a worker in this process waits on to hear of commits made in it.
+#[cfg_attr(not(feature = "worker"), allow(dead_code))]
+pub(crate) fn subscribe_local() -> watch::Receiver<u64> {
+    LOCAL.subscribe()
+}
+
+/// Sends one notification to other processes' workers.
+pub(crate) type Announce = Arc<dyn Fn() -> BoxFuture<'static, Result<(), Error>> + Send + Sync>;
+
+struct Inner {
+    pending: AtomicBool,
+    notify: Notify,
+    closed: AtomicBool,
+}
+
+/// Coalesces commits into at most one notification per interval, sent by a task of its own.
+pub(crate) struct Announcer {
+    inner: Arc<Inner>,
+    announce: Announce,
+    interval: Duration,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Announcer {
+    pub(crate) fn new(announce: Announce, interval: Duration) -> Self {
+        Announcer {
+            inner: Arc::new(Inner {
+                pending: AtomicBool::new(false),
+                notify: Notify::new(),
+                closed: AtomicBool::new(false),
+            }),
+            announce,
+            interval,
+            task: Mutex::new(None),
+        }
+    }
+
+    /// Called after a commit: one atomic swap when a notification is already pending.
+    pub(crate) fn poke(&self) {
+        if self.inner.pending.swap(true, Ordering::AcqRel) {
+            return; // the pending notification covers this commit too
+        }
+        {
+            let mut task = self.task.lock().expect("poisoned");
+            if task.as_ref().is_none_or(JoinHandle::is_finished) {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    self.inner.pending.store(false, Ordering::Release);
+                    return; // no runtime to send from: workers poll
+                };
+                *task = Some(runtime.spawn(run(
+                    self.inner.clone(),
+                    self.announce.clone(),
+                    self.interval,
+                )));
+            }
+        }
+        self.inner.notify.notify_one();
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.notify.notify_one();
+    }
+}
+
+impl std::fmt::Debug for Announcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announcer")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn run(inner: Arc<Inner>, announce: Announce, interval: Duration) {
+    loop {
+        inner.notify.notified().await;
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::time::sleep(interval).await;
+        // Commits from here on need a notification of their own: the next round sends it.
+        inner.pending.store(false, Ordering::Release);
+        if let Err(e) = announce().await {
+            tracing::warn!(error = %e, "could not notify workers; they find the jobs by polling");
+        }
+    }
+}
