@@ -59,6 +59,9 @@ pub mod schema;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+// Request attribution for web services: the tower layer (its docs are the module's own).
+#[cfg(feature = "tower")]
+pub mod tower;
 mod transaction;
 
 pub use config::{Config, DEFAULT_FILTER_PARAMETERS, DEFAULT_MAX_RECORD_SIZE, DEFAULT_PRIORITY};
