@@ -54,6 +54,7 @@
 //! | `delivery` (feature `worker`) | the worker: claim, publish through a `Sink`, settle, retry |
 //! | `kinesis` (feature `worker`) | the Kinesis `Sink`, its client configuration, error classification, a stream reader |
 //! | `testing` (feature `testing`) | capture and match the events code journals |
+//! | `tower` (feature `tower`) | a tower layer that puts each request's actor and tags in scope |
 //! | [`Error`], [`JournalError`] | operational errors; what `journal!` refuses |
 //!
 //! Dependencies run one way: transaction → event, schema, context, audit → store → error, config.
@@ -77,6 +78,9 @@ pub mod schema;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+// Request attribution for web services: the tower layer (its docs are the module's own).
+#[cfg(feature = "tower")]
+pub mod tower;
 mod transaction;
 mod wake;
 
