@@ -61,17 +61,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS example_users (id bigint PRIMARY KEY, contract_accepted boolean NOT NULL DEFAULT false); \
-         INSERT INTO example_users (id) VALUES (1), (2) ON CONFLICT (id) DO UPDATE SET contract_accepted = false; \
-         DELETE FROM journaled.jobs",
+         INSERT INTO example_users (id) VALUES (1), (2) ON CONFLICT (id) DO UPDATE SET contract_accepted = false",
     )
     .execute(&pool)
     .await?;
+    // Shows only the jobs this run writes; it never deletes anything (the database may hold
+    // other applications' jobs, and a worker may be delivering them).
+    let first_new_job: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(id), 0) + 1 FROM journaled.jobs")
+            .fetch_one(&pool)
+            .await?;
 
     tagged(tags! { request_id = "req-1" }, accept(&journaled, 1, true)).await?;
     tagged(tags! { request_id = "req-2" }, accept(&journaled, 2, false)).await?;
 
-    println!("\njob rows:");
-    for job in journaled.jobs().await? {
+    println!("\njob rows written by this run:");
+    for job in journaled
+        .jobs()
+        .await?
+        .into_iter()
+        .filter(|job| job.id.0 >= first_new_job)
+    {
         println!(
             "job {} priority {} with {} event(s):",
             job.id, job.priority, job.event_count

@@ -2,7 +2,8 @@
 //!
 //! Durably deliver schematized events to Amazon Kinesis: events are raised inside your own SQL
 //! transaction, validated against JSON Schema at once, and written as **one job row just
-//! before COMMIT** — so they exist if and only if the transaction commits. The `journaled
+//! before COMMIT** (several bounded rows for a very large transaction, in one statement) — so
+//! they exist if and only if the transaction commits. The `journaled
 //! worker` publishes them at least once.
 //!
 //! ## Guarantees

@@ -142,6 +142,9 @@ pub struct WorkerArgs {
     /// Jobs claimed at a time.
     #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
+    /// Bytes of records claimed at a time, about (a claim always takes at least one job).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_MAX_CLAIM_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_claim_bytes: u32,
     /// Claimed batches delivered at once.
     #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: u32,
@@ -187,6 +190,7 @@ impl WorkerArgs {
     pub fn worker_config(&self) -> WorkerConfig {
         WorkerConfig::default()
             .with_batch_size(self.batch_size as usize)
+            .with_max_claim_bytes(self.max_claim_bytes as usize)
             .with_concurrency(self.concurrency as usize)
             .with_poll_interval(self.poll_interval_ms)
             .with_lease(self.lease_secs)

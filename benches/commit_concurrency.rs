@@ -1,0 +1,521 @@
+//! What journaling costs writers at 1, 4, 16 and 64 connections, and what a claim costs with a
+//! million jobs that are not due, on PostgreSQL, measured side by side in one run.
+//!
+//! ```sh
+//! cargo bench --bench commit_concurrency --no-default-features --features postgres
+//! ```
+//!
+//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names the server; the
+//! bench creates and drops its own database. `JOURNALED_BENCH_SECS` (default 3) is the length of
+//! one measurement.
+//!
+//! Each transaction: UPDATE a random row of 10,000, then
+//! - (L) the library: 10 `journal!` calls (~200-byte events), COMMIT (one job row);
+//! - (H) hand-written: one INSERT of the same bytes into a plain table with no trigger, COMMIT;
+//! - (N) hand-written plus `pg_notify` in the transaction: what the dropped trigger did;
+//! - (Q) the library with `Config::with_notify(false)` (no coalesced NOTIFY to other processes).
+//!
+//! Modes are interleaved (L, H, N, Q, L, H, N, Q) with VACUUM and CHECKPOINT before each measurement.
+//! Client CPU per transaction is the process's user+system time over the transactions done.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use journaled::{Backend, Config, Journaled, journal};
+use serde::Serialize;
+use sqlx::{PgPool, Postgres};
+
+#[derive(Serialize, Clone, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct AccountCredited {
+    account_id: i64,
+    amount_cents: i64,
+    currency: String,
+    reference: String,
+    note: String,
+}
+
+const EVENTS: usize = 10;
+const ACCOUNTS: i64 = 10_000;
+
+fn event(account_id: i64, i: usize) -> AccountCredited {
+    AccountCredited {
+        account_id,
+        amount_cents: 1_000 + i as i64,
+        currency: "EUR".into(),
+        reference: format!("ref-{account_id}-{i}"),
+        note: "monthly interest, credited by the batch run".into(),
+    }
+}
+
+/// What a hand-written outbox stores for the same transaction: the same records, the same size.
+fn hand_written_records(account_id: i64) -> String {
+    let records: Vec<serde_json::Value> = (0..EVENTS)
+        .map(|i| {
+            let id = uuid::Uuid::now_v7().to_string();
+            let e = event(account_id, i);
+            serde_json::json!({
+                "id": id, "stream": "bench", "partition_key": id,
+                "data": {"id": id, "event_type": "free_event",
+                         "created_at": journaled::format_time(time::OffsetDateTime::now_utc()),
+                         "account_id": e.account_id, "amount_cents": e.amount_cents,
+                         "currency": e.currency, "reference": e.reference, "note": e.note}
+            })
+        })
+        .collect();
+    serde_json::to_string(&records).unwrap()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Library,
+    LibraryQuiet,
+    Hand,
+    HandNotify,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Library => "L",
+            Mode::LibraryQuiet => "Q",
+            Mode::Hand => "H",
+            Mode::HandNotify => "N",
+        }
+    }
+
+    fn parse(s: &str) -> Mode {
+        match s {
+            "L" => Mode::Library,
+            "Q" => Mode::LibraryQuiet,
+            "H" => Mode::Hand,
+            _ => Mode::HandNotify,
+        }
+    }
+}
+
+async fn one_transaction(mode: Mode, journaled: &Journaled<Postgres>, pool: &PgPool) {
+    let account = fastrand::i64(0..ACCOUNTS);
+    match mode {
+        Mode::Library | Mode::LibraryQuiet => {
+            let mut tx = journaled.begin().await.unwrap();
+            sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
+                .bind(account)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            for i in 0..EVENTS {
+                journal!(tx, event(account, i)).unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+        Mode::Hand | Mode::HandNotify => {
+            let records = hand_written_records(account);
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
+                .bind(account)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO bench_outbox (priority, event_count, records) VALUES ($1, $2, $3)",
+            )
+            .bind(20_i32)
+            .bind(EVENTS as i32)
+            .bind(records)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            if mode == Mode::HandNotify {
+                sqlx::query("SELECT pg_notify('bench_outbox', '')")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    }
+}
+
+/// The process's user + system CPU time.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+struct Measured {
+    tps: f64,
+    cpu_us_per_tx: f64,
+}
+
+/// C tasks, each on its own connection, for `secs`.
+async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measured {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections as u32 + 2)
+        .min_connections(connections as u32 + 2)
+        .connect(url)
+        .await
+        .unwrap();
+    let journaled = Journaled::new(
+        pool.clone(),
+        config().with_notify(mode != Mode::LibraryQuiet),
+    );
+    // Warm up: connections, prepared statements, the schema cache.
+    for _ in 0..3 {
+        one_transaction(mode, &journaled, &pool).await;
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let cpu_before = cpu_time();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (journaled, pool, done) = (journaled.clone(), pool.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                one_transaction(mode, &journaled, &pool).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = (cpu_time() - cpu_before).as_secs_f64();
+    let n = done.load(Ordering::Relaxed) as f64;
+    drop(journaled);
+    pool.close().await;
+    Measured {
+        tps: n / elapsed,
+        cpu_us_per_tx: cpu * 1e6 / n.max(1.0),
+    }
+}
+
+fn config() -> Config {
+    Config::default()
+        .with_stream_name("bench")
+        .with_schema_roots([concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/journaled_schemas"
+        )])
+}
+
+async fn quiesce(admin: &PgPool) {
+    for sql in [
+        "TRUNCATE journaled.jobs",
+        "TRUNCATE bench_outbox",
+        "VACUUM ANALYZE bench_accounts",
+        "VACUUM ANALYZE journaled.jobs",
+        "VACUUM ANALYZE bench_outbox",
+        "CHECKPOINT",
+    ] {
+        sqlx::raw_sql(sql).execute(admin).await.unwrap();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn bench_url(admin_url: &str) -> String {
+    format!(
+        "{}/journaled_bench_cc",
+        admin_url.rsplit_once('/').unwrap().0
+    )
+}
+
+/// Claim latency: `samples` claims of 100 ready jobs, each given back after.
+async fn claim_latency(pool: &PgPool, samples: usize) -> (f64, f64) {
+    let lease = Duration::from_secs(60);
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        let claimed = <Postgres as Backend>::claim(pool, "bench", 100, 4 << 20, lease)
+            .await
+            .unwrap();
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(claimed.len(), 100);
+        <Postgres as Backend>::release(pool, "bench").await.unwrap();
+    }
+    let p50 = median(times.clone());
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (p50, times[times.len() * 9 / 10])
+}
+
+async fn explain(pool: &PgPool, sql: &'static str) -> String {
+    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {sql}"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.join("\n    ")
+}
+
+const READY_CLAIM: &str = "SELECT id FROM journaled.jobs WHERE ready ORDER BY priority, id LIMIT 100 FOR UPDATE SKIP LOCKED";
+const OLD_CLAIM: &str = "SELECT id FROM journaled.jobs WHERE dead_at IS NULL AND run_at <= now() ORDER BY priority, run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED";
+
+async fn claims(admin: &PgPool) {
+    sqlx::raw_sql("TRUNCATE journaled.jobs")
+        .execute(admin)
+        .await
+        .unwrap();
+    let record = hand_written_records(1);
+    sqlx::query(
+        "INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records) \
+         SELECT 20, now(), true, 10, octet_length($1), $1 FROM generate_series(1, 1000)",
+    )
+    .bind(&record)
+    .execute(admin)
+    .await
+    .unwrap();
+    sqlx::raw_sql("VACUUM ANALYZE journaled.jobs")
+        .execute(admin)
+        .await
+        .unwrap();
+    let (before_p50, before_p90) = claim_latency(admin, 50).await;
+    let plan_before = explain(admin, READY_CLAIM).await;
+
+    // A million jobs ahead in priority that are not due: delayed, leased, backing off, dead.
+    sqlx::query(
+        "INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records, \
+             locked_by, locked_until, attempts, dead_at) \
+         SELECT 10, now() + interval '1 day', false, 10, octet_length($1), $1, \
+                CASE WHEN g % 4 = 1 THEN 'other-worker' END, \
+                CASE WHEN g % 4 = 1 THEN now() + interval '1 day' END, \
+                CASE WHEN g % 4 = 2 THEN 5 ELSE 0 END, \
+                CASE WHEN g % 4 = 3 THEN now() END \
+         FROM generate_series(1, 1000000) AS g",
+    )
+    .bind(&record)
+    .execute(admin)
+    .await
+    .unwrap();
+    sqlx::raw_sql("VACUUM ANALYZE journaled.jobs")
+        .execute(admin)
+        .await
+        .unwrap();
+    let (after_p50, after_p90) = claim_latency(admin, 50).await;
+    let plan_after = explain(admin, READY_CLAIM).await;
+
+    // The claim of migration 1 on the same rows, with its index, for comparison.
+    for sql in [
+        "CREATE INDEX bench_old_claim_idx ON journaled.jobs (priority, run_at, id) WHERE dead_at IS NULL",
+        "VACUUM ANALYZE journaled.jobs",
+    ] {
+        sqlx::raw_sql(sql).execute(admin).await.unwrap();
+    }
+    let mut old = Vec::new();
+    for _ in 0..10 {
+        let start = Instant::now();
+        let mut tx = admin.begin().await.unwrap();
+        let ids: Vec<i64> = sqlx::query_scalar(OLD_CLAIM)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 100);
+        tx.rollback().await.unwrap();
+        old.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let plan_old = explain(admin, OLD_CLAIM).await;
+    for sql in [
+        "DROP INDEX journaled.bench_old_claim_idx",
+        "TRUNCATE journaled.jobs",
+    ] {
+        sqlx::raw_sql(sql).execute(admin).await.unwrap();
+    }
+
+    println!();
+    println!("Claim of 100 jobs (promote + claim, then released), 50 samples each:");
+    println!(
+        "  1,000 due jobs only:                          p50 {before_p50:.2} ms, p90 {before_p90:.2} ms"
+    );
+    println!(
+        "  + 1,000,000 not-due jobs ahead in priority:   p50 {after_p50:.2} ms, p90 {after_p90:.2} ms"
+    );
+    println!(
+        "  ratio (with / without) p50: {:.2}",
+        after_p50 / before_p50
+    );
+    println!(
+        "  migration 1's claim query on the same rows (its index restored): p50 {:.2} ms",
+        median(old)
+    );
+    println!("  EXPLAIN ANALYZE, ready claim, without:\n    {plan_before}");
+    println!("  EXPLAIN ANALYZE, ready claim, with 1M not due:\n    {plan_after}");
+    println!("  EXPLAIN ANALYZE, migration 1's claim, with 1M not due:\n    {plan_old}");
+}
+
+async fn child(spec: &str, url: &str) {
+    let mut parts = spec.split(',');
+    let mode = Mode::parse(parts.next().unwrap());
+    let connections: usize = parts.next().unwrap().parse().unwrap();
+    let secs: f64 = parts.next().unwrap().parse().unwrap();
+    let m = measure(mode, connections, secs, url).await;
+    println!("{} {}", m.tps, m.cpu_us_per_tx);
+}
+
+/// 4 processes x 16 connections of one mode, at once; total tx/s and mean CPU µs per tx.
+fn processes(mode: Mode, secs: f64) -> Measured {
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .env(
+                    "JOURNALED_BENCH_CHILD",
+                    format!("{},16,{secs}", mode.name()),
+                )
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut tps = 0.0;
+    let mut cpu = 0.0;
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut f = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+        tps += f.next().unwrap();
+        cpu += f.next().unwrap() / 4.0;
+    }
+    Measured {
+        tps,
+        cpu_us_per_tx: cpu,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let admin_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = bench_url(&admin_url);
+    if let Ok(spec) = std::env::var("JOURNALED_BENCH_CHILD") {
+        child(&spec, &url).await;
+        return;
+    }
+    let secs: f64 = std::env::var("JOURNALED_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let server = PgPool::connect(&admin_url).await.expect("connect");
+    for sql in [
+        "DROP DATABASE IF EXISTS journaled_bench_cc WITH (FORCE)",
+        "CREATE DATABASE journaled_bench_cc",
+    ] {
+        sqlx::raw_sql(sql).execute(&server).await.unwrap();
+    }
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE bench_accounts (id bigint PRIMARY KEY, balance bigint NOT NULL DEFAULT 0); \
+         INSERT INTO bench_accounts (id) SELECT generate_series(0, 9999); \
+         CREATE TABLE bench_outbox (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+             priority integer NOT NULL, created_at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+             event_count integer NOT NULL, records text NOT NULL)",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    journaled::migrate(&admin).await.unwrap();
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting FROM pg_settings WHERE name IN ('server_version', 'autovacuum', 'synchronous_commit', 'max_connections')",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    println!("PostgreSQL settings: {settings:?}");
+    println!(
+        "{secs} s per measurement, modes interleaved L H N Q L H N Q; medians of 2 rounds; each transaction = UPDATE + {EVENTS} events"
+    );
+    println!();
+    println!(
+        "{:>4} | {:>9} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6} | {:>8} {:>8} {:>8}",
+        "C",
+        "L tx/s",
+        "H tx/s",
+        "N tx/s",
+        "Q tx/s",
+        "L/H",
+        "N/H",
+        "Q/H",
+        "L µs/tx",
+        "H µs/tx",
+        "Q µs/tx"
+    );
+    let only_claims = std::env::var("JOURNALED_BENCH_ONLY_CLAIMS").is_ok()
+        || std::env::var("JOURNALED_BENCH_PROFILE").is_ok();
+    for connections in [1usize, 4, 16, 64].into_iter().filter(|_| !only_claims) {
+        let mut tps: [Vec<f64>; 4] = Default::default();
+        let mut cpu: [Vec<f64>; 4] = Default::default();
+        for _round in 0..2 {
+            for (k, mode) in [
+                Mode::Library,
+                Mode::Hand,
+                Mode::HandNotify,
+                Mode::LibraryQuiet,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                quiesce(&admin).await;
+                let m = measure(mode, connections, secs, &url).await;
+                tps[k].push(m.tps);
+                cpu[k].push(m.cpu_us_per_tx);
+            }
+        }
+        let [l, h, n, q] = tps.map(median);
+        let [lc, hc, _, qc] = cpu.map(median);
+        println!(
+            "{connections:>4} | {l:>9.0} {h:>9.0} {n:>9.0} {q:>9.0} | {:>6.3} {:>6.3} {:>6.3} | {lc:>8.0} {hc:>8.0} {qc:>8.0}",
+            l / h,
+            n / h,
+            q / h
+        );
+    }
+    let mut l4 = Vec::new();
+    let mut h4 = Vec::new();
+    for _round in (0..2).filter(|_| !only_claims) {
+        quiesce(&admin).await;
+        l4.push(processes(Mode::Library, secs));
+        quiesce(&admin).await;
+        h4.push(processes(Mode::Hand, secs));
+    }
+    if !only_claims {
+        let l = median(l4.iter().map(|m| m.tps).collect());
+        let h = median(h4.iter().map(|m| m.tps).collect());
+        println!(
+            "4x16 | {l:>9.0} {h:>9.0} {:>9} | {:>6.3} {:>6} | {:>8.0} {:>8.0}   (4 processes x 16 connections)",
+            "-",
+            l / h,
+            "-",
+            median(l4.iter().map(|m| m.cpu_us_per_tx).collect()),
+            median(h4.iter().map(|m| m.cpu_us_per_tx).collect()),
+        );
+    }
+
+    if let Ok(spec) = std::env::var("JOURNALED_BENCH_PROFILE") {
+        // One mode alone, for a profiler: e.g. JOURNALED_BENCH_PROFILE=L,1,10
+        child(&spec, &url).await;
+    } else {
+        claims(&admin).await;
+    }
+
+    admin.close().await;
+    sqlx::raw_sql("DROP DATABASE IF EXISTS journaled_bench_cc WITH (FORCE)")
+        .execute(&server)
+        .await
+        .unwrap();
+}
