@@ -301,6 +301,7 @@ async fn main() {
     raw_sink.put_records("bench", &records).await.unwrap();
     let mut raw_rates = Vec::new();
     let mut worker_rates = Vec::new();
+    let mut no_receipt_rates = Vec::new();
     for _round in 0..3 {
         let start = Instant::now();
         let sem = Arc::new(tokio::sync::Semaphore::new(4));
@@ -337,18 +338,38 @@ async fn main() {
         )
         .await;
         worker_rates.push(events as f64 / elapsed.as_secs_f64());
+
+        backlog(&journaled, events / 10).await;
+        let elapsed = drain(
+            &pool,
+            KinesisSink::new(client.clone()),
+            WorkerConfig::default()
+                .with_batch_size(50)
+                .with_concurrency(4)
+                .with_receipts_retention(Duration::ZERO),
+        )
+        .await;
+        no_receipt_rates.push(events as f64 / elapsed.as_secs_f64());
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (raw, worker) = (median(raw_rates), median(worker_rates));
+    let (raw, worker, no_receipts) = (
+        median(raw_rates),
+        median(worker_rates),
+        median(no_receipt_rates),
+    );
     println!(
         "2. kinesalite, {events} events, 500 records per request, 4 requests in flight, median of 3 interleaved rounds:"
     );
     println!(
         "   raw PutRecords {raw:.0} events/s; worker from PostgreSQL {worker:.0} events/s; worker/raw = {:.3}",
         worker / raw
+    );
+    println!(
+        "   worker with receipts (default) {worker:.0} events/s, without {no_receipts:.0} events/s; with/without = {:.3}",
+        worker / no_receipts
     );
 
     // 3. Latency: one event per transaction at a steady rate, the worker woken by NOTIFY.

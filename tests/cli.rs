@@ -72,7 +72,7 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
         .fetch_one(&pg.pool)
         .await
         .unwrap();
-    assert_eq!(count, 2, "every embedded migration, once");
+    assert_eq!(count, 3, "every embedded migration, once");
 }
 
 /// On a database nobody migrated, every command but `migrate` says in one line to run
@@ -263,6 +263,127 @@ mod worker_binary {
             journaled.jobs().await.unwrap().is_empty()
         })
         .await;
+    }
+
+    #[derive(serde::Serialize, journaled::Event)]
+    #[journaled(event_type = "test_event", delay_secs = 3600)]
+    struct LaterEvent {
+        name: String,
+        count: i64,
+    }
+
+    /// `journaled trace` says where an event is: delivered (read back from the stream at its
+    /// sequence number with --fetch), pending, dead, or unknown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn trace_tells_where_each_event_is() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        emulator.create_stream("test_stream", 2).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        let one = |name: &str| TestEvent {
+            name: name.into(),
+            count: 1,
+        };
+        let mut tx = journaled.begin().await.unwrap();
+        let delivered = journal!(tx, one("delivered")).unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = journaled.begin().await.unwrap();
+        let doomed = journal!(tx, one("doomed")).unwrap();
+        tx.commit().await.unwrap();
+        sqlx::query(
+            "UPDATE journaled.jobs SET dead_at = now(), ready = false, last_error = 'permanently refused: test' \
+             WHERE strpos(records, $1) > 0",
+        )
+        .bind(doomed.to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let mut tx = journaled.begin().await.unwrap();
+        let later = journal!(
+            tx,
+            LaterEvent {
+                name: "later".into(),
+                count: 1
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        let out = worker(&db.url(), &emulator.endpoint())
+            .arg("--drain")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let trace = |id: String, extra: &[&str]| {
+            let mut cmd = cli();
+            cmd.arg("trace")
+                .arg(id)
+                .args(extra)
+                .env("DATABASE_URL", db.url())
+                .env("AWS_ENDPOINT_URL_KINESIS", emulator.endpoint())
+                .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+                .env("AWS_SECRET_ACCESS_KEY", "secret")
+                .env("AWS_REGION", "us-east-1");
+            cmd.output().unwrap()
+        };
+        let out = trace(delivered.to_string(), &["--json", "--fetch"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(value["state"], "delivered", "{value}");
+        assert_eq!(value["stream"], "test_stream");
+        assert_eq!(value["fetched"]["id"], delivered.to_string(), "{value}");
+        let stream = emulator.read("test_stream").await;
+        let record = stream
+            .iter()
+            .find(|r| String::from_utf8_lossy(&r.data).contains(&delivered.to_string()))
+            .unwrap();
+        assert_eq!(value["sequence_number"], record.sequence_number.as_str());
+        assert_eq!(value["shard_id"], record.shard_id.as_str());
+
+        let out = trace(delivered.to_string(), &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("delivered to stream test_stream")
+                && text.contains(&record.sequence_number),
+            "{text}"
+        );
+
+        let out = trace(later.to_string(), &["--json"]);
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(value["state"], "pending", "{value}");
+        assert!(value["job_id"].as_i64().is_some());
+
+        let out = trace(doomed.to_string(), &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.starts_with("dead in job") && text.contains("permanently refused: test"),
+            "{text}"
+        );
+
+        let out = trace(uuid::Uuid::now_v7().to_string(), &[]);
+        assert_eq!(out.status.code(), Some(3));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("unknown"));
+
+        let out = trace("not-a-uuid".into(), &[]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is not an event id"));
+
+        let out = cli()
+            .args(["status", "--json"])
+            .env("DATABASE_URL", db.url())
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["receipts"]["delivered_events"], 1, "{status}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -320,6 +320,73 @@ async fn throttled_records_are_retried<DB: Backend + AppSql>(db: &TestDb<DB>) {
     assert!(stats.failed_records.load(Ordering::Relaxed) > 0);
     assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 0);
     assert!(journaled.jobs().await.unwrap().is_empty());
+    // Each event has one receipt: the shard and sequence number of its acknowledged delivery,
+    // retried ones included.
+    for record in emulator.read("test_stream").await {
+        let data: Value = serde_json::from_slice(&record.data).unwrap();
+        let id = journaled::EventId(data["id"].as_str().unwrap().parse().unwrap());
+        match journaled::store::trace(&db.pool, id).await.unwrap() {
+            journaled::store::Trace::Delivered(receipt) => {
+                assert_eq!(
+                    receipt.sequence_number,
+                    Some(record.sequence_number.clone())
+                );
+                assert_eq!(receipt.shard_id, Some(record.shard_id.clone()));
+                assert_eq!(receipt.stream, "test_stream");
+            }
+            other => panic!("event {id}: {other:?}"),
+        }
+    }
+}
+
+/// Receipts older than the retention go; newer ones stay. Zero retention keeps none.
+async fn receipts_are_pruned_by_age_only<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    use journaled::store::{Receipt, Trace};
+    let journaled = db.migrated().await;
+    let receipt = |n: u128| Receipt {
+        event_id: journaled::EventId(uuid::Uuid::from_u128(n)),
+        stream: "s".into(),
+        partition_key: "k".into(),
+        shard_id: Some("shardId-000000000000".into()),
+        sequence_number: Some(format!("4959{n}")),
+        job_created_at: time::OffsetDateTime::now_utc(),
+        delivered_at: None,
+        attempts: 0,
+    };
+    let all: Vec<Receipt> = (1..=10).map(receipt).collect();
+    assert_eq!(DB::record_receipts(&db.pool, &all).await.unwrap(), 10);
+    assert_eq!(
+        DB::record_receipts(&db.pool, &all[..2]).await.unwrap(),
+        0,
+        "a receipted event keeps its first receipt"
+    );
+    // Age four of them by two days.
+    DB::exec(&mut *db.pool.acquire().await.unwrap(), DB::AGE_RECEIPTS).await;
+    let pruned = DB::prune_receipts(&db.pool, Duration::from_secs(86_400), 3)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3, "a bounded batch");
+    let pruned = DB::prune_receipts(&db.pool, Duration::from_secs(86_400), 3)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    for n in 1..=10u128 {
+        let trace = journaled::store::trace(&db.pool, all[n as usize - 1].event_id)
+            .await
+            .unwrap();
+        if n <= 4 {
+            assert_eq!(trace, Trace::Unknown, "receipt {n} was old");
+        } else {
+            assert!(
+                matches!(trace, Trace::Delivered(_)),
+                "receipt {n}: {trace:?}"
+            );
+        }
+    }
+    let stats = journaled::store::receipt_stats(&db.pool).await.unwrap();
+    assert_eq!(stats.delivered_events, 6);
+    assert!(stats.latency_p50_secs.is_some());
+    drop(journaled);
 }
 
 /// 500s, responses slower than the read timeout, and connection resets: all retried.
@@ -582,6 +649,7 @@ async fn claims_are_bounded_by_bytes_and_skip_jobs_not_due<DB: Backend + AppSql>
 }
 
 on_both_backends!(
+    receipts_are_pruned_by_age_only,
     a_chunked_transaction_is_delivered_whole,
     claims_are_bounded_by_bytes_and_skip_jobs_not_due,
     committed_events_arrive_with_their_stored_bytes,

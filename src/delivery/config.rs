@@ -40,6 +40,9 @@ pub struct WorkerConfig {
     pub drain: bool,
     /// Serve Prometheus metrics on this address (`GET /metrics`); off when `None`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long delivery receipts (event → shard, sequence number) are kept (default 7 days);
+    /// zero keeps none. `journaled trace` reads them.
+    pub receipts_retention: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +62,7 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             drain: false,
             metrics_addr: None,
+            receipts_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -139,6 +143,12 @@ impl WorkerConfig {
     /// Sets whether to exit once nothing is due (see the field).
     pub fn with_drain(mut self, value: bool) -> Self {
         self.drain = value;
+        self
+    }
+
+    /// Sets how long delivery receipts are kept; zero keeps none (see the field).
+    pub fn with_receipts_retention(mut self, value: Duration) -> Self {
+        self.receipts_retention = value;
         self
     }
 

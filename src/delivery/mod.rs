@@ -8,12 +8,13 @@ mod sink;
 
 pub use config::WorkerConfig;
 
-pub use sink::{ErrorClass, Failure, NoopSink, OutRecord, Sink};
+pub use sink::{Ack, ErrorClass, Failure, NoopSink, OutRecord, RecordOutcome, Sink};
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -21,7 +22,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::Error;
-use crate::store::{Backend, Claimed, JobId};
+use crate::store::{Backend, Claimed, JobId, Receipt};
 use publish::JobState;
 
 /// `PutRecords` requests one claimed batch keeps in flight at most.
@@ -151,6 +152,12 @@ impl<DB: Backend> Worker<DB> {
         let config = &shared.config;
         let wake = Arc::new(Notify::new());
         let listener = DB::wake_on_insert(&shared.pool, wake.clone()).map(tokio::spawn);
+        let pruner = (!shared.config.receipts_retention.is_zero()).then(|| {
+            tokio::spawn(prune_receipts(
+                shared.pool.clone(),
+                shared.config.receipts_retention,
+            ))
+        });
         // Commits made in this process wake the worker directly.
         let mut local = crate::wake::subscribe_local();
         let permits = Arc::new(Semaphore::new(config.concurrency));
@@ -242,6 +249,9 @@ impl<DB: Backend> Worker<DB> {
         if let Some(listener) = listener {
             listener.abort();
         }
+        if let Some(pruner) = pruner {
+            pruner.abort();
+        }
         if let Some(server) = metrics_server {
             server.abort();
         }
@@ -318,7 +328,13 @@ async fn deliver<DB: Backend>(
     }
     let mut jobs = jobs;
     for ((j, r), outcome) in results.into_iter().flatten() {
-        jobs[j].outcomes[r] = outcome;
+        match outcome {
+            Ok(ack) => {
+                jobs[j].outcomes[r] = None;
+                jobs[j].acks[r] = Some(ack);
+            }
+            Err(failure) => jobs[j].outcomes[r] = Some(failure),
+        }
     }
     settle(&shared, &owner, &jobs)
         .instrument(tracing::debug_span!("settle", owner = %owner))
@@ -326,7 +342,61 @@ async fn deliver<DB: Backend>(
     shared.in_flight.lock().expect("poisoned").remove(&owner);
 }
 
+/// Receipts older than the retention go in batches of this many.
+const PRUNE_BATCH: i64 = 10_000;
+/// How often receipts are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes expired receipts now and then, a bounded batch at a time.
+async fn prune_receipts<DB: Backend>(pool: sqlx::Pool<DB>, retention: Duration) {
+    loop {
+        loop {
+            match DB::prune_receipts(&pool, retention, PRUNE_BATCH).await {
+                Ok(n) if n >= PRUNE_BATCH as u64 => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not prune delivery receipts; trying again later");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(PRUNE_EVERY).await;
+    }
+}
+
+/// The receipts of every record of `jobs` the sink acknowledged.
+fn receipts(jobs: &[JobState]) -> Vec<Receipt> {
+    let mut out = Vec::new();
+    for job in jobs {
+        let Ok(records) = &job.records else { continue };
+        for ((record, outcome), ack) in records.iter().zip(&job.outcomes).zip(&job.acks) {
+            if let (None, Some(ack)) = (outcome, ack) {
+                out.push(Receipt {
+                    event_id: record.id,
+                    stream: record.stream.clone(),
+                    partition_key: record.partition_key.clone(),
+                    shard_id: ack.shard_id.clone(),
+                    sequence_number: ack.sequence_number.clone(),
+                    job_created_at: job.claimed.created_at,
+                    delivered_at: None,
+                    attempts: job.claimed.attempts,
+                });
+            }
+        }
+    }
+    out
+}
+
 async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]) {
+    if !shared.config.receipts_retention.is_zero() {
+        // Before the jobs are deleted or rewritten: a receipt never outlives its proof.
+        let receipts = receipts(jobs);
+        if !receipts.is_empty()
+            && let Err(e) = DB::record_receipts(&shared.pool, &receipts).await
+        {
+            tracing::warn!(error = %e, receipts = receipts.len(), "could not keep delivery receipts");
+        }
+    }
     let stats = &shared.stats;
     let metrics = &shared.metrics;
     let now = OffsetDateTime::now_utc();

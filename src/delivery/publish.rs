@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::WorkerConfig;
 use super::metrics::{CodeLabel, Metrics, OutcomeLabel};
-use super::sink::{ErrorClass, Failure, OutRecord, Sink};
+use super::sink::{Ack, ErrorClass, Failure, OutRecord, RecordOutcome, Sink};
 use crate::store::{
     BoxFuture, Claimed, DeadSplit, Reschedule, StoredRecord, decode_records, encode_stored,
 };
@@ -18,6 +18,8 @@ pub(crate) struct JobState {
     pub claimed: Claimed,
     pub records: Result<Vec<StoredRecord>, String>,
     pub outcomes: Vec<Option<Failure>>,
+    /// Where each delivered record was put (for receipts).
+    pub acks: Vec<Option<Ack>>,
 }
 
 impl JobState {
@@ -29,10 +31,12 @@ impl JobState {
             Ok(records) => vec![Some(not_attempted()); records.len()],
             Err(_) => Vec::new(),
         };
+        let acks = vec![None; outcomes.len()];
         JobState {
             claimed,
             records,
             outcomes,
+            acks,
         }
     }
 }
@@ -93,7 +97,7 @@ pub(crate) fn send<'a>(
     stream: &'a str,
     mut slots: Vec<Slot>,
     jobs: &'a [JobState],
-) -> BoxFuture<'a, Vec<(Slot, Option<Failure>)>> {
+) -> BoxFuture<'a, Vec<(Slot, RecordOutcome)>> {
     Box::pin(async move {
         let out: Vec<OutRecord<'_>> = slots
             .iter()
@@ -106,7 +110,7 @@ pub(crate) fn send<'a>(
             })
             .collect();
         let started = std::time::Instant::now();
-        let result = sink.put_records(stream, &out).await;
+        let result = sink.put_records_acked(stream, &out).await;
         metrics
             .request_latency
             .observe(started.elapsed().as_secs_f64());
@@ -123,7 +127,7 @@ pub(crate) fn send<'a>(
             .inc();
         match &result {
             Ok(results) => {
-                for failure in results.iter().flatten() {
+                for failure in results.iter().filter_map(|r| r.as_ref().err()) {
                     let code = CodeLabel {
                         code: failure.code.clone(),
                     };
@@ -149,7 +153,7 @@ pub(crate) fn send<'a>(
                 };
                 slots
                     .into_iter()
-                    .map(|s| (s, Some(failure.clone())))
+                    .map(|s| (s, Err(failure.clone())))
                     .collect()
             }
             Ok(results) => slots.into_iter().zip(results).collect(),
@@ -169,12 +173,12 @@ pub(crate) fn send<'a>(
                 };
                 slots
                     .into_iter()
-                    .map(|s| (s, Some(failure.clone())))
+                    .map(|s| (s, Err(failure.clone())))
                     .collect()
             }
             Err(failure) => slots
                 .into_iter()
-                .map(|s| (s, Some(failure.clone())))
+                .map(|s| (s, Err(failure.clone())))
                 .collect(),
         }
     })

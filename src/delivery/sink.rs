@@ -48,7 +48,20 @@ pub struct OutRecord<'a> {
     pub data: &'a [u8],
 }
 
-/// Where delivered records go. [`KinesisSink`] in production; anything else in benchmarks.
+/// Where the service put a delivered record: what a delivery receipt keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// The shard, when the sink knows it.
+    pub shard_id: Option<String>,
+    /// The sequence number within the shard (a decimal string: it overflows u128).
+    pub sequence_number: Option<String>,
+}
+
+/// What became of one record of a request.
+pub type RecordOutcome = Result<Ack, Failure>;
+
+/// Where delivered records go. `KinesisSink` (feature `worker`) in production; anything else in
+/// benchmarks.
 pub trait Sink: Send + Sync + 'static {
     /// Puts `records` to `stream` in one request. `Ok` holds one outcome per record, in order
     /// (`None` for delivered); `Err` is a failure of the whole request.
@@ -57,6 +70,25 @@ pub trait Sink: Send + Sync + 'static {
         stream: &'a str,
         records: &'a [OutRecord<'a>],
     ) -> BoxFuture<'a, Result<Vec<Option<Failure>>, Failure>>;
+
+    /// The same, with where each delivered record was put (for delivery receipts). The default
+    /// knows no shard or sequence number.
+    fn put_records_acked<'a>(
+        &'a self,
+        stream: &'a str,
+        records: &'a [OutRecord<'a>],
+    ) -> BoxFuture<'a, Result<Vec<RecordOutcome>, Failure>> {
+        Box::pin(async move {
+            let outcomes = self.put_records(stream, records).await?;
+            Ok(outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    None => Ok(Ack::default()),
+                    Some(failure) => Err(failure),
+                })
+                .collect())
+        })
+    }
 }
 
 /// A sink that accepts everything without sending it anywhere: the worker's own ceiling.

@@ -14,9 +14,9 @@ use tracing::Instrument;
 
 pub use classify::{classify_code, classify_sdk_error};
 pub use client::KinesisConfig;
-pub use reader::{ReadRecord, StartAt, StreamReader, ensure_stream, read_stream};
+pub use reader::{ReadRecord, StartAt, StreamReader, ensure_stream, read_at, read_stream};
 
-use crate::delivery::{ErrorClass, Failure, OutRecord, Sink};
+use crate::delivery::{Ack, ErrorClass, Failure, OutRecord, RecordOutcome, Sink};
 use crate::store::BoxFuture;
 
 /// Publishes with `PutRecords`.
@@ -43,6 +43,17 @@ impl Sink for KinesisSink {
         stream: &'a str,
         records: &'a [OutRecord<'a>],
     ) -> BoxFuture<'a, Result<Vec<Option<Failure>>, Failure>> {
+        Box::pin(async move {
+            let outcomes = self.put_records_acked(stream, records).await?;
+            Ok(outcomes.into_iter().map(Result::err).collect())
+        })
+    }
+
+    fn put_records_acked<'a>(
+        &'a self,
+        stream: &'a str,
+        records: &'a [OutRecord<'a>],
+    ) -> BoxFuture<'a, Result<Vec<RecordOutcome>, Failure>> {
         let span = tracing::info_span!(
             "journaled.put_records",
             stream,
@@ -87,8 +98,8 @@ impl Sink for KinesisSink {
             }
             Ok(results
                 .iter()
-                .map(|result| {
-                    result.error_code().map(|code| Failure {
+                .map(|result| match result.error_code() {
+                    Some(code) => Err(Failure {
                         class: match classify_code(code) {
                             // A record-level refusal is about this record alone.
                             ErrorClass::Invalid => ErrorClass::Permanent,
@@ -96,7 +107,11 @@ impl Sink for KinesisSink {
                         },
                         code: code.to_owned(),
                         message: result.error_message().unwrap_or_default().to_owned(),
-                    })
+                    }),
+                    None => Ok(Ack {
+                        shard_id: result.shard_id().map(str::to_owned),
+                        sequence_number: result.sequence_number().map(str::to_owned),
+                    }),
                 })
                 .collect::<Vec<_>>())
         };
@@ -105,7 +120,7 @@ impl Sink for KinesisSink {
                 let result = fut.await;
                 match &result {
                     Ok(outcomes) => {
-                        let failed = outcomes.iter().filter(|o| o.is_some()).count();
+                        let failed = outcomes.iter().filter(|o| o.is_err()).count();
                         tracing::Span::current().record("failed", failed);
                     }
                     Err(failure) => {

@@ -109,6 +109,45 @@ impl StreamReader {
     }
 }
 
+/// Reads the record at `sequence_number` on `shard` (`GetShardIterator` AT_SEQUENCE_NUMBER);
+/// `None` when the shard no longer holds it.
+pub async fn read_at(
+    client: &Client,
+    stream: &str,
+    shard: &str,
+    sequence_number: &str,
+) -> Result<Option<ReadRecord>, Failure> {
+    let iterator = client
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(shard)
+        .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+        .starting_sequence_number(sequence_number)
+        .send()
+        .await
+        .map_err(|e| classify_sdk_error(&e))?;
+    let Some(iterator) = iterator.shard_iterator() else {
+        return Ok(None);
+    };
+    let page = client
+        .get_records()
+        .shard_iterator(iterator)
+        .limit(1)
+        .send()
+        .await
+        .map_err(|e| classify_sdk_error(&e))?;
+    Ok(page
+        .records()
+        .first()
+        .filter(|r| r.sequence_number() == sequence_number)
+        .map(|r| ReadRecord {
+            shard_id: shard.to_owned(),
+            sequence_number: r.sequence_number().to_owned(),
+            partition_key: r.partition_key().unwrap_or_default().to_owned(),
+            data: r.data().as_ref().to_vec(),
+        }))
+}
+
 /// Reads every record of `stream` from the oldest until caught up.
 pub async fn read_stream(client: &Client, stream: &str) -> Result<Vec<ReadRecord>, Failure> {
     let mut reader = StreamReader::open(client, stream, StartAt::Oldest).await?;

@@ -48,6 +48,31 @@ macro_rules! impl_backend {
             ) -> Option<$crate::store::BoxFuture<'_, Result<(), $crate::Error>>> {
                 announce(pool)
             }
+            fn record_receipts<'a>(
+                pool: &'a $pool,
+                receipts: &'a [$crate::store::Receipt],
+            ) -> $crate::store::BoxFuture<'a, Result<u64, $crate::Error>> {
+                Box::pin(record_receipts(pool, receipts))
+            }
+            fn prune_receipts(
+                pool: &$pool,
+                retention: std::time::Duration,
+                limit: i64,
+            ) -> $crate::store::BoxFuture<'_, Result<u64, $crate::Error>> {
+                Box::pin(prune_receipts(pool, retention, limit))
+            }
+            fn trace(
+                pool: &$pool,
+                event: $crate::EventId,
+            ) -> $crate::store::BoxFuture<'_, Result<$crate::store::Trace, $crate::Error>> {
+                Box::pin(trace(pool, event))
+            }
+            fn receipt_stats(
+                pool: &$pool,
+            ) -> $crate::store::BoxFuture<'_, Result<$crate::store::ReceiptStats, $crate::Error>>
+            {
+                Box::pin(receipt_stats(pool))
+            }
             fn complete<'a>(
                 pool: &'a $pool,
                 owner: &'a str,
@@ -262,6 +287,90 @@ pub struct Status {
     pub oldest_pending_age_secs: Option<f64>,
 }
 
+/// Where one delivered event went, as the worker keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Receipt {
+    /// The event.
+    pub event_id: crate::EventId,
+    /// Its stream.
+    pub stream: String,
+    /// Its partition key.
+    pub partition_key: String,
+    /// The shard `PutRecords` put it on, when the sink says.
+    pub shard_id: Option<String>,
+    /// Its sequence number in that shard (a decimal string), when the sink says.
+    pub sequence_number: Option<String>,
+    /// When its job was committed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub job_created_at: OffsetDateTime,
+    /// When it was acknowledged (set by the database when the receipt is written).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub delivered_at: Option<OffsetDateTime>,
+    /// Failed deliveries of its job before this one.
+    pub attempts: i32,
+}
+
+/// Where an event is, as `journaled trace` tells it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Trace {
+    /// Published and acknowledged.
+    Delivered(Receipt),
+    /// In a job not yet delivered.
+    Pending(TracedJob),
+    /// In a job given up on; `journaled retry` brings it back.
+    Dead(TracedJob),
+    /// Never committed, or its receipt was pruned (or receipts are off).
+    Unknown,
+}
+
+/// The job an event is in.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TracedJob {
+    /// The job.
+    pub job_id: JobId,
+    /// Its priority.
+    pub priority: i32,
+    /// When it is next due.
+    #[serde(with = "time::serde::rfc3339")]
+    pub run_at: OffsetDateTime,
+    /// Failed deliveries so far.
+    pub attempts: i32,
+    /// The last delivery error (the reason, for a dead job).
+    pub last_error: Option<String>,
+    /// When it was committed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// Deliveries over the receipts kept (the retention window).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ReceiptStats {
+    /// Events delivered.
+    pub delivered_events: i64,
+    /// Commit-to-acknowledged latency, median, in seconds.
+    pub latency_p50_secs: Option<f64>,
+    /// Commit-to-acknowledged latency, 99th percentile, in seconds.
+    pub latency_p99_secs: Option<f64>,
+    /// The oldest receipt kept.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub oldest_delivered_at: Option<OffsetDateTime>,
+}
+
+/// Where `event` is: delivered, pending, dead or unknown.
+pub async fn trace<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    event: crate::EventId,
+) -> Result<Trace, Error> {
+    DB::trace(pool, event).await
+}
+
+/// Delivered counts and latency percentiles over the receipts kept.
+pub async fn receipt_stats<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<ReceiptStats, Error> {
+    DB::receipt_stats(pool).await
+}
+
 mod sealed {
     pub trait Sealed {}
     #[cfg(feature = "postgres")]
@@ -305,6 +414,27 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     fn begin(
         pool: &sqlx::Pool<Self>,
     ) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Self>, Error>>;
+
+    /// Keeps a delivery receipt for each delivered record, in one statement; a record already
+    /// receipted keeps its first receipt. Returns how many were new.
+    fn record_receipts<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        receipts: &'a [Receipt],
+    ) -> BoxFuture<'a, Result<u64, Error>>;
+
+    /// Deletes up to `limit` receipts older than `retention`; returns how many.
+    fn prune_receipts(
+        pool: &sqlx::Pool<Self>,
+        retention: std::time::Duration,
+        limit: i64,
+    ) -> BoxFuture<'_, Result<u64, Error>>;
+
+    /// Where an event is: delivered (its receipt), pending or dead (its job), or unknown.
+    fn trace(pool: &sqlx::Pool<Self>, event: crate::EventId)
+    -> BoxFuture<'_, Result<Trace, Error>>;
+
+    /// Delivered counts and latencies over the receipts kept.
+    fn receipt_stats(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<ReceiptStats, Error>>;
 
     /// Tells workers in other processes that jobs were committed, outside any application
     /// transaction (PostgreSQL: one `NOTIFY`); `None` where the backend cannot (SQLite).

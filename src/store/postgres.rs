@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, db_error, pending,
+    BoxFuture, Claimed, Job, JobId, Migration, NewJob, Receipt, ReceiptStats, Reschedule, Status,
+    Trace, TracedJob, db_error, pending,
 };
 use crate::Error;
+use crate::EventId;
 
 /// The channel a NOTIFY is sent on when jobs are inserted.
 pub const NOTIFY_CHANNEL: &str = "journaled_jobs";
@@ -27,6 +29,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         version: 2,
         description: "ready queue, no NOTIFY trigger",
         sql: include_str!("../../migrations/postgres/0002_ready_queue.sql"),
+    },
+    Migration {
+        version: 4,
+        description: "delivery receipts",
+        sql: include_str!("../../migrations/postgres/0004_receipts.sql"),
     },
 ];
 
@@ -390,6 +397,127 @@ fn wake_on_insert(
     notify: Arc<tokio::sync::Notify>,
 ) -> Option<BoxFuture<'static, ()>> {
     Some(Box::pin(listen(pool.clone(), notify)))
+}
+
+#[tracing::instrument(name = "journaled.record_receipts", skip_all, fields(receipts = receipts.len()), err)]
+async fn record_receipts(pool: &PgPool, receipts: &[Receipt]) -> Result<u64, Error> {
+    if receipts.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<String> = receipts.iter().map(|r| r.event_id.to_string()).collect();
+    let streams: Vec<&str> = receipts.iter().map(|r| r.stream.as_str()).collect();
+    let keys: Vec<&str> = receipts.iter().map(|r| r.partition_key.as_str()).collect();
+    let shards: Vec<Option<&str>> = receipts.iter().map(|r| r.shard_id.as_deref()).collect();
+    let sequences: Vec<Option<&str>> = receipts
+        .iter()
+        .map(|r| r.sequence_number.as_deref())
+        .collect();
+    let created: Vec<OffsetDateTime> = receipts.iter().map(|r| r.job_created_at).collect();
+    let attempts: Vec<i32> = receipts.iter().map(|r| r.attempts).collect();
+    Ok(sqlx::query(
+        "INSERT INTO journaled.receipts \
+             (event_id, stream, partition_key, shard_id, sequence_number, job_created_at, attempts) \
+         SELECT e::uuid, s, k, sh, sq, c, a FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
+                              $5::text[], $6::timestamptz[], $7::int4[]) AS t(e, s, k, sh, sq, c, a) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&streams)
+    .bind(&keys)
+    .bind(&shards)
+    .bind(&sequences)
+    .bind(&created)
+    .bind(&attempts)
+    .execute(pool)
+    .await
+    .map_err(db_error)?
+    .rows_affected())
+}
+
+#[tracing::instrument(name = "journaled.prune_receipts", skip_all, err)]
+async fn prune_receipts(pool: &PgPool, retention: Duration, limit: i64) -> Result<u64, Error> {
+    // A bounded batch by the delivered_at index: no long lock, however many are due to go.
+    Ok(sqlx::query(
+        "DELETE FROM journaled.receipts WHERE event_id IN ( \
+             SELECT event_id FROM journaled.receipts \
+             WHERE delivered_at < now() - make_interval(secs => $1) \
+             ORDER BY delivered_at LIMIT $2)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(limit)
+    .execute(pool)
+    .await
+    .map_err(db_error)?
+    .rows_affected())
+}
+
+async fn trace(pool: &PgPool, event: EventId) -> Result<Trace, Error> {
+    let receipt = sqlx::query(
+        "SELECT stream, partition_key, shard_id, sequence_number, job_created_at, delivered_at, attempts \
+         FROM journaled.receipts WHERE event_id = $1::uuid",
+    )
+    .bind(event.to_string())
+    .fetch_optional(pool)
+    .await
+    .map_err(db_error)?;
+    if let Some(row) = receipt {
+        return Ok(Trace::Delivered(Receipt {
+            event_id: event,
+            stream: row.try_get("stream")?,
+            partition_key: row.try_get("partition_key")?,
+            shard_id: row.try_get("shard_id")?,
+            sequence_number: row.try_get("sequence_number")?,
+            job_created_at: row.try_get("job_created_at")?,
+            delivered_at: Some(row.try_get("delivered_at")?),
+            attempts: row.try_get("attempts")?,
+        }));
+    }
+    // The id as it is written in the records column.
+    let needle = format!("{{\"id\":\"{event}\"");
+    let job = sqlx::query(
+        "SELECT id, priority, run_at, attempts, last_error, dead_at, created_at \
+         FROM journaled.jobs WHERE strpos(records, $1) > 0 ORDER BY id LIMIT 1",
+    )
+    .bind(&needle)
+    .fetch_optional(pool)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = job else {
+        return Ok(Trace::Unknown);
+    };
+    let dead_at: Option<OffsetDateTime> = row.try_get("dead_at")?;
+    let job = TracedJob {
+        job_id: JobId(row.try_get("id")?),
+        priority: row.try_get("priority")?,
+        run_at: row.try_get("run_at")?,
+        attempts: row.try_get("attempts")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+    };
+    Ok(if dead_at.is_some() {
+        Trace::Dead(job)
+    } else {
+        Trace::Pending(job)
+    })
+}
+
+async fn receipt_stats(pool: &PgPool) -> Result<ReceiptStats, Error> {
+    let row = sqlx::query(
+        "SELECT count(*) AS delivered, \
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - job_created_at)) AS p50, \
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - job_created_at)) AS p99, \
+             min(delivered_at) AS oldest \
+         FROM journaled.receipts",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db_error)?;
+    Ok(ReceiptStats {
+        delivered_events: row.try_get("delivered")?,
+        latency_p50_secs: row.try_get("p50")?,
+        latency_p99_secs: row.try_get("p99")?,
+        oldest_delivered_at: row.try_get("oldest")?,
+    })
 }
 
 impl_backend!(Postgres, PgConnection, PgPool);

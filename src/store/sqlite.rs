@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    BoxFuture, Claimed, Job, JobId, Migration, NewJob, Reschedule, Status, db_error, pending,
+    BoxFuture, Claimed, Job, JobId, Migration, NewJob, Receipt, ReceiptStats, Reschedule, Status,
+    Trace, TracedJob, db_error, pending,
 };
 use crate::Error;
+use crate::EventId;
 
 pub(crate) static MIGRATIONS: &[Migration] = &[
     Migration {
@@ -21,6 +23,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         version: 2,
         description: "ready queue",
         sql: include_str!("../../migrations/sqlite/0002_ready_queue.sql"),
+    },
+    Migration {
+        version: 4,
+        description: "delivery receipts",
+        sql: include_str!("../../migrations/sqlite/0004_receipts.sql"),
     },
 ];
 
@@ -344,6 +351,122 @@ fn wake_on_insert(
     _notify: Arc<tokio::sync::Notify>,
 ) -> Option<BoxFuture<'static, ()>> {
     None
+}
+
+#[tracing::instrument(name = "journaled.record_receipts", skip_all, fields(receipts = receipts.len()), err)]
+async fn record_receipts(pool: &SqlitePool, receipts: &[Receipt]) -> Result<u64, Error> {
+    let mut written = 0;
+    for rows in receipts.chunks(INSERT_ROWS) {
+        let values = vec![format!("(?, ?, ?, ?, ?, ?, {NOW_MS}, ?)"); rows.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO journaled_receipts (event_id, stream, partition_key, shard_id, \
+                 sequence_number, job_created_at, delivered_at, attempts) \
+             VALUES {values} ON CONFLICT (event_id) DO NOTHING"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in rows {
+            query = query
+                .bind(r.event_id.to_string())
+                .bind(&r.stream)
+                .bind(&r.partition_key)
+                .bind(&r.shard_id)
+                .bind(&r.sequence_number)
+                .bind(to_millis(r.job_created_at))
+                .bind(r.attempts);
+        }
+        written += query.execute(pool).await.map_err(db_error)?.rows_affected();
+    }
+    Ok(written)
+}
+
+#[tracing::instrument(name = "journaled.prune_receipts", skip_all, err)]
+async fn prune_receipts(pool: &SqlitePool, retention: Duration, limit: i64) -> Result<u64, Error> {
+    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM journaled_receipts WHERE event_id IN ( \
+             SELECT event_id FROM journaled_receipts WHERE delivered_at < {NOW_MS} - ?1 \
+             ORDER BY delivered_at LIMIT ?2)"
+    )))
+    .bind(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
+    .bind(limit)
+    .execute(pool)
+    .await
+    .map_err(db_error)?
+    .rows_affected())
+}
+
+async fn trace(pool: &SqlitePool, event: EventId) -> Result<Trace, Error> {
+    let receipt = sqlx::query(
+        "SELECT stream, partition_key, shard_id, sequence_number, job_created_at, delivered_at, attempts \
+         FROM journaled_receipts WHERE event_id = ?",
+    )
+    .bind(event.to_string())
+    .fetch_optional(pool)
+    .await
+    .map_err(db_error)?;
+    if let Some(row) = receipt {
+        return Ok(Trace::Delivered(Receipt {
+            event_id: event,
+            stream: row.try_get("stream")?,
+            partition_key: row.try_get("partition_key")?,
+            shard_id: row.try_get("shard_id")?,
+            sequence_number: row.try_get("sequence_number")?,
+            job_created_at: from_millis(row.try_get("job_created_at")?)?,
+            delivered_at: Some(from_millis(row.try_get("delivered_at")?)?),
+            attempts: row.try_get("attempts")?,
+        }));
+    }
+    let needle = format!("{{\"id\":\"{event}\"");
+    let job = sqlx::query(
+        "SELECT id, priority, run_at, attempts, last_error, dead_at, created_at \
+         FROM journaled_jobs WHERE instr(records, ?) > 0 ORDER BY id LIMIT 1",
+    )
+    .bind(&needle)
+    .fetch_optional(pool)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = job else {
+        return Ok(Trace::Unknown);
+    };
+    let dead_at: Option<i64> = row.try_get("dead_at")?;
+    let job = TracedJob {
+        job_id: JobId(row.try_get("id")?),
+        priority: row.try_get("priority")?,
+        run_at: from_millis(row.try_get("run_at")?)?,
+        attempts: row.try_get("attempts")?,
+        last_error: row.try_get("last_error")?,
+        created_at: from_millis(row.try_get("created_at")?)?,
+    };
+    Ok(if dead_at.is_some() {
+        Trace::Dead(job)
+    } else {
+        Trace::Pending(job)
+    })
+}
+
+async fn receipt_stats(pool: &SqlitePool) -> Result<ReceiptStats, Error> {
+    let (delivered, oldest): (i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), min(delivered_at) FROM journaled_receipts")
+            .fetch_one(pool)
+            .await
+            .map_err(db_error)?;
+    // SQLite has no percentile function: the row at each rank, by the latency.
+    let at_rank = |fraction: f64| {
+        let offset = ((delivered.max(1) - 1) as f64 * fraction).round() as i64;
+        sqlx::query_scalar::<_, i64>(
+            "SELECT delivered_at - job_created_at FROM journaled_receipts \
+             ORDER BY delivered_at - job_created_at LIMIT 1 OFFSET ?",
+        )
+        .bind(offset)
+        .fetch_optional(pool)
+    };
+    let p50 = at_rank(0.5).await.map_err(db_error)?;
+    let p99 = at_rank(0.99).await.map_err(db_error)?;
+    Ok(ReceiptStats {
+        delivered_events: delivered,
+        latency_p50_secs: p50.map(|ms| ms as f64 / 1000.0),
+        latency_p99_secs: p99.map(|ms| ms as f64 / 1000.0),
+        oldest_delivered_at: oldest.map(from_millis).transpose()?,
+    })
 }
 
 impl_backend!(Sqlite, SqliteConnection, SqlitePool);

@@ -216,6 +216,8 @@ pub trait AppSql: Backend {
     ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
     /// Inserts a job whose records cannot be decoded.
     const CORRUPT_JOB: &'static str;
+    /// Makes the receipts of events 1 to 4 (UUIDs from_u128) two days old.
+    const AGE_RECEIPTS: &'static str;
     /// Runs a `SELECT COUNT(*) ...` on the pool.
     fn count<'c>(pool: &'c sqlx::Pool<Self>, sql: &'static str) -> BoxFuture<'c, i64>;
 }
@@ -223,9 +225,10 @@ pub trait AppSql: Backend {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 macro_rules! app_sql {
-    ($db:ty, $pool:ty, $corrupt:expr) => {
+    ($db:ty, $pool:ty, $corrupt:expr, $age:expr) => {
         impl AppSql for $db {
             const CORRUPT_JOB: &'static str = $corrupt;
+            const AGE_RECEIPTS: &'static str = $age;
             fn try_exec<'c>(
                 conn: &'c mut Self::Connection,
                 sql: &'static str,
@@ -241,12 +244,16 @@ macro_rules! app_sql {
 app_sql!(
     Postgres,
     PgPool,
-    "INSERT INTO journaled.jobs (event_count, records) VALUES (1, '[{\"id\": not json')"
+    "INSERT INTO journaled.jobs (event_count, records) VALUES (1, '[{\"id\": not json')",
+    "UPDATE journaled.receipts SET delivered_at = now() - interval '2 days' \
+     WHERE event_id <= '00000000-0000-0000-0000-000000000004'"
 );
 app_sql!(
     Sqlite,
     SqlitePool,
-    "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')"
+    "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')",
+    "UPDATE journaled_receipts SET delivered_at = delivered_at - 172800000 \
+     WHERE event_id <= '00000000-0000-0000-0000-000000000004'"
 );
 
 #[cfg(feature = "worker")]

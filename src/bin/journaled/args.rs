@@ -53,6 +53,20 @@ pub enum Command {
         #[arg(long)]
         all_dead: bool,
     },
+    /// Say where an event is: pending (its job), dead (the reason), delivered (stream, shard,
+    /// sequence number, when, latency from commit), or unknown.
+    Trace {
+        /// The event's id (a UUID).
+        event_id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Read the delivered record back from Kinesis at its sequence number and print it.
+        #[arg(long)]
+        fetch: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
     /// Print a stream's records as JSON lines, from the oldest (default) or from now.
     Tail {
         /// The stream to read (default JOURNALED_STREAM_NAME).
@@ -67,6 +81,34 @@ pub enum Command {
         #[command(flatten)]
         aws: AwsArgs,
     },
+}
+
+/// A retention: a number with a unit (`s`, `m`, `h`, `d`; seconds without one); `0` is none.
+pub(crate) fn retention(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = match value.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => value.split_at(i),
+        None => (value, "s"),
+    };
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => {
+            return Err(format!(
+                "`{value}`: use a number with s, m, h or d, e.g. 7d"
+            ));
+        }
+    };
+    let number: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a duration, e.g. 7d or 12h"))?;
+    if !number.is_finite() || number < 0.0 || number * scale > 3650.0 * 86_400.0 {
+        return Err(format!("`{value}` must be from 0 to 3650d"));
+    }
+    Ok(Duration::from_secs_f64(number * scale))
 }
 
 fn seconds(value: &str) -> Result<Duration, String> {
@@ -181,6 +223,9 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9187 (off by default).
     #[arg(long, hide_env_values = true, env = "JOURNALED_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long delivery receipts are kept for `journaled trace` (e.g. 7d, 12h; 0 keeps none).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_RECEIPTS_RETENTION", default_value = "7d", value_parser = retention)]
+    pub receipts_retention: Duration,
     #[command(flatten)]
     pub aws: AwsArgs,
 }
@@ -203,6 +248,7 @@ impl WorkerArgs {
             .with_shutdown_timeout(self.shutdown_timeout_secs)
             .with_drain(self.drain)
             .with_metrics_addr(self.metrics_addr)
+            .with_receipts_retention(self.receipts_retention)
     }
 }
 

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use journaled::delivery::Worker;
-use journaled::kinesis::{KinesisSink, StartAt, StreamReader};
+use journaled::kinesis::{KinesisSink, ReadRecord, StartAt, StreamReader};
 use journaled::schema::SchemaRegistry;
 use journaled::store::JobId;
+use journaled::store::{Receipt, Trace};
 use journaled::{Config, Error};
 
 use crate::args::{Cli, Command, SchemasCommand, WorkerArgs};
@@ -39,11 +40,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 DbPool::Postgres(pool) => journaled::store::status(pool).await?,
                 DbPool::Sqlite(pool) => journaled::store::status(pool).await?,
             };
+            let receipts = match &pool {
+                DbPool::Postgres(pool) => journaled::store::receipt_stats(pool).await?,
+                DbPool::Sqlite(pool) => journaled::store::receipt_stats(pool).await?,
+            };
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&status).expect("status serializes")
-                );
+                let mut value = serde_json::to_value(&status).expect("status serializes");
+                value["receipts"] = serde_json::to_value(&receipts).expect("stats serialize");
+                println!("{value}");
             } else {
                 println!(
                     "pending: {} jobs, {} events ({} due, {} leased)",
@@ -58,7 +62,42 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     None => println!("oldest pending event: none"),
                 }
             }
+            if !json {
+                let ms =
+                    |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{:.1} ms", s * 1e3));
+                println!(
+                    "delivered (receipts kept): {} events; commit to acknowledged p50 {}, p99 {}",
+                    receipts.delivered_events,
+                    ms(receipts.latency_p50_secs),
+                    ms(receipts.latency_p99_secs)
+                );
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Trace {
+            event_id,
+            json,
+            fetch,
+            aws,
+        } => {
+            let id = uuid::Uuid::parse_str(event_id.trim()).map_err(|e| {
+                Error::Config(format!("`{event_id}` is not an event id (a UUID): {e}"))
+            })?;
+            let event = journaled::EventId(id);
+            let pool = DbPool::connect(&cli.database_url, false).await?;
+            let trace = match &pool {
+                DbPool::Postgres(pool) => journaled::store::trace(pool, event).await?,
+                DbPool::Sqlite(pool) => journaled::store::trace(pool, event).await?,
+            };
+            let record = match (&trace, fetch) {
+                (Trace::Delivered(receipt), true) => Some(fetch_record(&aws, receipt).await?),
+                _ => None,
+            };
+            print_trace(&trace, record.as_ref(), json);
+            Ok(match trace {
+                Trace::Unknown => ExitCode::from(3),
+                _ => ExitCode::SUCCESS,
+            })
         }
         Command::Retry {
             job_id,
@@ -123,6 +162,86 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
+        }
+    }
+}
+
+/// Reads the record a receipt points at back from its shard.
+async fn fetch_record(aws: &crate::args::AwsArgs, receipt: &Receipt) -> Result<ReadRecord, Error> {
+    let (Some(shard), Some(sequence)) = (&receipt.shard_id, &receipt.sequence_number) else {
+        return Err(Error::Config(
+            "this receipt has no shard or sequence number to fetch from".into(),
+        ));
+    };
+    let client = aws.kinesis_config().client().await;
+    journaled::kinesis::read_at(&client, &receipt.stream, shard, sequence)
+        .await
+        .map_err(|f| Error::Config(format!("cannot read {} at {sequence}: {f}", receipt.stream)))?
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "the stream {} no longer holds sequence number {sequence} on {shard} (past its retention?)",
+                receipt.stream
+            ))
+        })
+}
+
+fn print_trace(trace: &Trace, record: Option<&ReadRecord>, json: bool) {
+    let data = record.map(|r| {
+        serde_json::from_slice::<serde_json::Value>(&r.data).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&r.data).into_owned())
+        })
+    });
+    if json {
+        let mut value = serde_json::to_value(trace).expect("a trace serializes");
+        if let (Some(data), Some(object)) = (data, value.as_object_mut()) {
+            object.insert("fetched".into(), data);
+        }
+        println!("{value}");
+        return;
+    }
+    match trace {
+        Trace::Delivered(r) => {
+            println!(
+                "delivered to stream {} (partition key {})",
+                r.stream, r.partition_key
+            );
+            println!(
+                "  shard {} sequence number {}",
+                r.shard_id.as_deref().unwrap_or("-"),
+                r.sequence_number.as_deref().unwrap_or("-")
+            );
+            if let Some(at) = r.delivered_at {
+                println!(
+                    "  acknowledged {} ({:.1} ms after commit; {} failed attempts before)",
+                    journaled::format_time(at),
+                    (at - r.job_created_at).as_seconds_f64() * 1e3,
+                    r.attempts
+                );
+            }
+            if let Some(data) = data {
+                println!("  record read back: {data}");
+            }
+        }
+        Trace::Pending(job) | Trace::Dead(job) => {
+            let state = if matches!(trace, Trace::Dead(_)) {
+                "dead"
+            } else {
+                "pending"
+            };
+            println!(
+                "{state} in job {} (priority {}, committed {}, next due {}, {} failed attempts)",
+                job.job_id,
+                job.priority,
+                journaled::format_time(job.created_at),
+                journaled::format_time(job.run_at),
+                job.attempts
+            );
+            if let Some(error) = &job.last_error {
+                println!("  last error: {error}");
+            }
+        }
+        _ => {
+            println!("unknown: never committed, or delivered longer ago than the receipts are kept")
         }
     }
 }
