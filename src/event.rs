@@ -136,6 +136,17 @@ pub(crate) fn prepare<E: Event>(
     schemas: &SchemaRegistry,
 ) -> Result<Prepared, JournalError> {
     let event_type = E::EVENT_TYPE;
+    if event_type.is_empty() {
+        // The one part of the envelope that is input: base_event requires it non-empty.
+        return Err(JournalError::SchemaViolation {
+            event_type: String::new(),
+            violations: vec![crate::Violation {
+                schema: "base_event".into(),
+                pointer: "/event_type".into(),
+                message: "the event type is empty: set Event::EVENT_TYPE".into(),
+            }],
+        });
+    }
     let serialization = |message: String| JournalError::Serialization {
         event_type: event_type.to_owned(),
         message,
@@ -202,7 +213,7 @@ pub(crate) fn prepare<E: Event>(
         object.insert("tags".into(), Value::Object(tags));
     }
     let value = Value::Object(object);
-    schemas.validate(event_type, E::TAGGED, &value)?;
+    schemas.validate_generated(event_type, E::TAGGED, &value)?;
 
     // What is published: the envelope, then the attributes' own bytes.
     let body = &attributes_json[1..]; // after the attributes' `{`
@@ -225,7 +236,7 @@ pub(crate) fn prepare<E: Event>(
 
     let partition_key = match event.partition_key() {
         Some(key) => key.into_owned(),
-        None => id.to_string(),
+        None => id_text.clone(),
     };
     check_partition_key(event_type, &partition_key)?;
     let size = data.len() + partition_key.len();
@@ -336,5 +347,59 @@ mod tests {
         assert!(err.to_string().contains("257 characters"), "{err}");
         let err = check_partition_key("e", "").unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
+    }
+
+    #[derive(Serialize)]
+    struct Plain {
+        n: i64,
+    }
+    impl Event for Plain {
+        const EVENT_TYPE: &'static str = "plain";
+    }
+
+    #[derive(Serialize)]
+    struct Tagged {
+        n: i64,
+    }
+    impl Event for Tagged {
+        const EVENT_TYPE: &'static str = "tagged";
+        const TAGGED: bool = true;
+    }
+
+    #[derive(Serialize)]
+    struct Nameless {}
+    impl Event for Nameless {
+        const EVENT_TYPE: &'static str = "";
+    }
+
+    /// The fast path skips `base_event` and `tagged_event` because journaled's envelope holds
+    /// them by construction: this checks the construction against the built-in schemas, so a
+    /// change to either side is caught here.
+    #[test]
+    fn generated_envelopes_satisfy_the_built_in_schemas() {
+        let dir = std::env::temp_dir().join(format!("journaled-envelope-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("plain.json"), "{}").unwrap();
+        std::fs::write(dir.join("tagged.json"), "{}").unwrap();
+        let schemas = SchemaRegistry::new(vec![dir.clone()]);
+        let config = Config::default().with_stream_name("s");
+        for (data, tagged) in [
+            (
+                prepare(&Plain { n: 1 }, &config, &schemas).unwrap().data,
+                false,
+            ),
+            (
+                prepare(&Tagged { n: 2 }, &config, &schemas).unwrap().data,
+                true,
+            ),
+        ] {
+            let value: Value = serde_json::from_str(&data).unwrap();
+            let event_type = value["event_type"].as_str().unwrap().to_owned();
+            schemas.validate(&event_type, tagged, &value).unwrap();
+            assert!(data.starts_with("{\"id\":\""), "{data}");
+        }
+        let err = prepare(&Nameless {}, &config, &schemas).unwrap_err();
+        assert!(err.to_string().contains("/event_type"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -217,6 +217,23 @@ impl SchemaRegistry {
         })
     }
 
+    /// [`validate`](Self::validate) for an envelope journaled wrote itself: `base_event` and
+    /// `tagged_event` hold by construction (a UUID id, the type's name, a formatted time, a tags
+    /// object; `event::prepare` checks the one input, a non-empty event type), so the fast path
+    /// runs the event's own schema alone. A failure reports every schema's violations.
+    pub(crate) fn validate_generated(
+        &self,
+        event_type: &str,
+        tagged: bool,
+        event: &Value,
+    ) -> Result<(), JournalError> {
+        let own = self.load(event_type)?;
+        if own.is_valid(event) {
+            return Ok(());
+        }
+        self.validate(event_type, tagged, event)
+    }
+
     /// Compiles the built-in schemas and every `*.json` file directly in each root (where
     /// lookups find them), reporting each one. Files shadowed by an earlier root are checked too.
     pub fn check(&self) -> Vec<CheckedSchema> {
