@@ -1,5 +1,5 @@
 //! The Kinesis adapter (feature `worker`): [`KinesisSink`] implements the worker's
-//! [`Sink`](crate::delivery::Sink) with `PutRecords`; [`KinesisConfig`] builds the SDK client;
+//! `delivery::Sink` with `PutRecords`; [`KinesisConfig`] builds the SDK client;
 //! [`classify_code`] and [`classify_sdk_error`] map errors to failure classes; [`StreamReader`]
 //! reads a stream back.
 
