@@ -91,7 +91,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::Poll;
 
-use futures_util::future::BoxFuture;
+use crate::store::BoxFuture;
 use http::request::Parts;
 use http::{HeaderName, Request};
 use serde_json::Value;
