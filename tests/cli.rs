@@ -198,7 +198,7 @@ fn bad_database_urls_exit_with_one_clear_line() {
 mod worker_binary {
     use super::*;
     use crate::common::TestDb;
-    use crate::common::kinesis::{Emulator, FaultProxy, Kind};
+    use crate::common::kinesis::{Emulator, FakeSts, FaultProxy, Kind};
     use journaled::{Journaled, journal};
     use std::process::{Child, Stdio};
     use std::sync::atomic::Ordering;
@@ -412,6 +412,67 @@ mod worker_binary {
             })
             .collect();
         assert_eq!(ids.len(), 8);
+    }
+
+    /// `JOURNALED_IAM_ROLE_ARN` naming a role STS refuses to let the worker assume (for longer
+    /// than `max attempts` rounds): a configuration error, said at `error` level with what to
+    /// fix, no job dead; once STS grants the role, everything is delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_assume_role_refused_by_sts_kills_nothing() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        emulator.create_stream("test_stream", 1).await;
+        let sts = FakeSts::start(true).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 3).await;
+        let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("assume-role-{}.log", uuid::Uuid::now_v7().simple()));
+        let mut child = worker(&db.url(), &emulator.endpoint())
+            .env(
+                "JOURNALED_IAM_ROLE_ARN",
+                "arn:aws:iam::123456789012:role/journaled-test",
+            )
+            .env("AWS_ENDPOINT_URL_STS", sts.endpoint())
+            .env("JOURNALED_WORKER_MAX_ATTEMPTS", "2")
+            .env("JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", "0.2")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        crate::common::wait_until(60, "every job was refused credentials 4 times", || async {
+            let jobs = journaled.jobs().await.unwrap();
+            assert!(jobs.iter().all(|j| j.dead_at.is_none()), "{jobs:#?}");
+            jobs.iter().all(|j| j.attempts >= 4)
+        })
+        .await;
+        assert!(sts.refused.load(Ordering::SeqCst) >= 4);
+        let error = journaled.jobs().await.unwrap()[0]
+            .last_error
+            .clone()
+            .unwrap();
+        assert!(
+            error.contains("credentials") && error.contains("AccessDenied"),
+            "{error}"
+        );
+        let logged = std::fs::read_to_string(&log).unwrap();
+        let alarms = logged
+            .lines()
+            .filter(|l| l.contains("configuration error"))
+            .count();
+        assert!(
+            alarms >= 1 && logged.contains("sts:AssumeRole"),
+            "said at error level, with what to fix: {logged}"
+        );
+        sts.refuse.store(false, Ordering::SeqCst);
+        wait_until_empty(&journaled, 60).await;
+        assert!(sts.granted.load(Ordering::SeqCst) >= 1);
+        assert_eq!(emulator.read("test_stream").await.len(), 6);
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        assert_eq!(wait_exit(&mut child, 30).await.code(), Some(0));
+        let _ = std::fs::remove_file(&log);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,7 +84,15 @@ async fn spawn_worker<DB: Backend>(
     endpoint: &str,
     config: WorkerConfig,
 ) -> Running {
-    let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
+    spawn_worker_with(pool, kinesis_config(endpoint), config).await
+}
+
+async fn spawn_worker_with<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    kinesis: journaled::kinesis::KinesisConfig,
+    config: WorkerConfig,
+) -> Running {
+    let sink = KinesisSink::new(kinesis.client().await);
     let worker = Worker::new(pool.clone(), sink, config).unwrap();
     let stats = worker.stats();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -353,7 +361,21 @@ async fn server_errors_slow_responses_and_resets_are_retried<DB: Backend + AppSq
     assert!(journaled.jobs().await.unwrap().is_empty());
 }
 
-/// The emulator unreachable for a while: the worker keeps retrying and delivers once it is back.
+/// Waits until every job failed at least `rounds` times, and checks that none is dead.
+async fn wait_for_rounds<DB: Backend>(journaled: &Journaled<DB>, rounds: i32) {
+    wait_until(60, &format!("every job failed {rounds} times"), || async {
+        let jobs = journaled.jobs().await.unwrap();
+        assert!(
+            jobs.iter().all(|j| j.dead_at.is_none()),
+            "a job is dead: {jobs:#?}"
+        );
+        jobs.iter().all(|j| j.attempts >= rounds)
+    })
+    .await;
+}
+
+/// The emulator refusing connections for longer than `max attempts` backoff rounds: no job is
+/// dead, and everything is delivered once it is back. Not the job's fault, never counted.
 async fn an_unreachable_kinesis_delays_but_loses_nothing<DB: Backend + AppSql>(db: &TestDb<DB>) {
     let emulator = Emulator::start(Kind::Kinesalite).await;
     emulator.create_stream("test_stream", 1).await;
@@ -362,15 +384,92 @@ async fn an_unreachable_kinesis_delays_but_loses_nothing<DB: Backend + AppSql>(d
     let journaled = db.migrated().await;
     commit_events(&journaled, 5, 2).await;
     let expected = stored(&journaled).await;
-    let worker = spawn_worker(&db.pool, &proxy.endpoint(), test_config()).await;
-    let stats = worker.stats.clone();
-    wait_until(30, "deliveries have failed a few times", || {
-        let stats = stats.clone();
-        async move { stats.retried_jobs.load(Ordering::Relaxed) >= 10 }
+    let worker = spawn_worker(
+        &db.pool,
+        &proxy.endpoint(),
+        test_config().with_max_attempts(2),
+    )
+    .await;
+    wait_for_rounds(&journaled, 6).await;
+    assert!(proxy.faults.refused_while_down.load(Ordering::SeqCst) > 0);
+    let error = journaled.jobs().await.unwrap()[0]
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(
+        error.contains("dispatch") && error.contains("check the endpoint"),
+        "{error}"
+    );
+    proxy.faults.down.store(false, Ordering::SeqCst);
+    wait_until(60, "every job is delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
     })
     .await;
-    assert!(proxy.faults.refused_while_down.load(Ordering::SeqCst) > 0);
-    proxy.faults.down.store(false, Ordering::SeqCst);
+    let stats = worker.stop().await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+    assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 0);
+}
+
+/// A credentials provider that fails until it is told to work.
+#[derive(Debug)]
+struct FlakyCredentials {
+    working: Arc<std::sync::atomic::AtomicBool>,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl aws_credential_types::provider::ProvideCredentials for FlakyCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        use aws_credential_types::provider::error::CredentialsError;
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        aws_credential_types::provider::future::ProvideCredentials::ready(
+            if self.working.load(Ordering::SeqCst) {
+                Ok(aws_credential_types::Credentials::new(
+                    "AKIDTEST", "secret", None, None, "flaky",
+                ))
+            } else {
+                Err(CredentialsError::not_loaded(
+                    "no credentials in the environment, no profile, no metadata endpoint",
+                ))
+            },
+        )
+    }
+}
+
+/// No credentials for longer than `max attempts` rounds (a broken IAM role, IMDS unreachable):
+/// a configuration error, said at `error` level; no job is dead, and everything is delivered
+/// once credentials work.
+async fn a_failing_credentials_provider_kills_nothing<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 3, 2).await;
+    let expected = stored(&journaled).await;
+    let working = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let provider = aws_sdk_kinesis::config::SharedCredentialsProvider::new(FlakyCredentials {
+        working: working.clone(),
+        asked: asked.clone(),
+    });
+    let kinesis = kinesis_config(&emulator.endpoint()).with_credentials_provider(Some(provider));
+    let worker = spawn_worker_with(&db.pool, kinesis, test_config().with_max_attempts(2)).await;
+    wait_for_rounds(&journaled, 5).await;
+    assert!(
+        asked.load(Ordering::SeqCst) >= 5,
+        "the provider is asked again each round"
+    );
+    for job in journaled.jobs().await.unwrap() {
+        let error = job.last_error.unwrap();
+        assert!(
+            error.contains("credentials") && error.contains("AWS_ACCESS_KEY_ID"),
+            "the error says what is wrong and how to fix it: {error}"
+        );
+    }
+    working.store(true, Ordering::SeqCst);
     wait_until(60, "every job is delivered", || async {
         journaled.jobs().await.unwrap().is_empty()
     })
@@ -590,6 +689,7 @@ on_both_backends!(
     throttled_records_are_retried,
     server_errors_slow_responses_and_resets_are_retried,
     an_unreachable_kinesis_delays_but_loses_nothing,
+    a_failing_credentials_provider_kills_nothing,
     a_rejected_record_kills_only_its_job,
     a_corrupt_job_is_dead_and_the_rest_flow,
     a_missing_stream_is_retried_until_it_exists,

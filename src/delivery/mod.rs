@@ -1,6 +1,7 @@
 //! The delivery worker: claim due jobs with a lease, publish them, delete what was delivered,
 //! and retry the rest with backoff. No row lock or transaction is held across a network call.
 
+mod alarm;
 mod config;
 pub mod metrics;
 mod publish;
@@ -84,6 +85,7 @@ struct Shared<DB: Backend> {
     stats: Arc<WorkerStats>,
     metrics: Arc<metrics::Metrics>,
     in_flight: Mutex<HashSet<String>>,
+    alarm: alarm::Alarm,
 }
 
 impl<DB: Backend> Worker<DB> {
@@ -143,6 +145,7 @@ impl<DB: Backend> Worker<DB> {
         let shared = Arc::new(Shared {
             pool,
             sink,
+            alarm: alarm::Alarm::new(config.configuration_backoff),
             config,
             stats,
             metrics,
@@ -331,6 +334,32 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
     let metrics = &shared.metrics;
     let now = OffsetDateTime::now_utc();
     let mut done: Vec<JobId> = Vec::new();
+    let acknowledged = jobs
+        .iter()
+        .any(|job| job.records.is_ok() && job.outcomes.iter().any(Option::is_none));
+    if acknowledged {
+        shared.alarm.clear();
+    }
+    // Failures that are not a job's fault, said once per interval for all the jobs they hold.
+    let held: Vec<&Failure> = jobs
+        .iter()
+        .flat_map(|job| job.outcomes.iter().flatten())
+        .filter(|f| {
+            matches!(f.class, ErrorClass::Configuration | ErrorClass::Unavailable)
+                && f.code != publish::NOT_ATTEMPTED
+        })
+        .collect();
+    if let Some(first) = held
+        .iter()
+        .find(|f| f.class == ErrorClass::Configuration)
+        .or(held.first())
+    {
+        let waiting = jobs
+            .iter()
+            .filter(|job| job.outcomes.iter().flatten().any(|f| f.code == first.code))
+            .count();
+        shared.alarm.raise(first, waiting);
+    }
     for job in jobs {
         let delivered = job.outcomes.iter().filter(|o| o.is_none()).count() as u64;
         let failed = job.outcomes.len() as u64 - delivered;
@@ -350,17 +379,14 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
         }
         stats.failed_records.fetch_add(failed, Ordering::Relaxed);
         let update = publish::reschedule(job, &shared.config);
-        let configuration = job
-            .outcomes
-            .iter()
-            .flatten()
-            .any(|f| f.class == ErrorClass::Configuration);
+        let counted = update.transient_failures > job.claimed.transient_failures;
         if update.dead {
             tracing::error!(job_id = update.id.0, error = %update.last_error, "job is dead: `journaled retry` brings it back");
-        } else if configuration {
-            tracing::error!(job_id = update.id.0, error = %update.last_error, "configuration error: check the stream, its KMS key and the credentials; retrying later");
+        } else if counted {
+            tracing::warn!(job_id = update.id.0, attempts = update.transient_failures, max_attempts = shared.config.max_attempts, error = %update.last_error, "delivery failed; retrying later");
         } else {
-            tracing::warn!(job_id = update.id.0, attempts = update.attempts, error = %update.last_error, "delivery failed; retrying later");
+            // Throttling, a deadline cut-off, or what the alarm above reports.
+            tracing::debug!(job_id = update.id.0, error = %update.last_error, "not delivered yet; retrying later (not counted toward max attempts)");
         }
         match DB::reschedule(&shared.pool, owner, &update).await {
             Ok(true) if update.dead => {

@@ -37,11 +37,14 @@ impl JobState {
     }
 }
 
+/// The code of a record whose request did not complete before the delivery deadline.
+pub(crate) const NOT_ATTEMPTED: &str = "not_attempted";
+
 /// The outcome of a record whose request never completed.
 pub(crate) fn not_attempted() -> Failure {
     Failure {
         class: ErrorClass::Transient,
-        code: "not_attempted".into(),
+        code: NOT_ATTEMPTED.into(),
         message: "the request did not complete before the delivery deadline".into(),
     }
 }
@@ -198,8 +201,11 @@ fn describe(record: &StoredRecord, failure: &Failure, failed: usize, total: usiz
 ///
 /// - Records refused for good are dead: alone, the job is dead; beside retryable records, they
 ///   are split off into a dead job of their own and the rest is retried.
-/// - Only transient failures count toward `max_attempts`; throttling and configuration errors
-///   never make a job dead.
+/// - Only [`ErrorClass::Transient`] failures — the service said this record failed — count
+///   toward `max_attempts`. Throttling, configuration errors (credentials, access, stream
+///   missing) and unavailability (no answer, a whole request failed) never make a job dead,
+///   however long they last.
+/// - The records column is rewritten only when some records were delivered or split off.
 pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     let attempts = job.claimed.attempts.saturating_add(1);
     let records = match &job.records {
@@ -241,7 +247,7 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     if retryable.is_empty() {
         return Reschedule {
             id: job.claimed.id,
-            records: Some(encode(&permanent)),
+            records: (permanent.len() != total).then(|| encode(&permanent)),
             attempts,
             transient_failures: job.claimed.transient_failures,
             delay: Duration::ZERO,
@@ -250,6 +256,16 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
             split_dead: None,
         };
     }
+    let split_dead = permanent_error.map(|last_error| {
+        let (records, event_count) = encode(&permanent);
+        DeadSplit {
+            records,
+            event_count,
+            last_error,
+        }
+    });
+    // Nothing to rewrite when every record is still to deliver.
+    let remaining = (retryable.len() != total).then(|| encode(&retryable));
     let find = |class: ErrorClass| retryable.iter().find(|(_, f)| f.class == class);
     let transient = find(ErrorClass::Transient);
     let transient_failures = job
@@ -262,7 +278,10 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
             .mul_f64(0.75 + fastrand::f64() * 0.5);
         (delay, *found)
     } else {
-        let found = transient.unwrap_or(&retryable[0]);
+        let found = transient
+            .or_else(|| find(ErrorClass::Unavailable))
+            .or_else(|| find(ErrorClass::Throttled))
+            .unwrap_or(&retryable[0]);
         (
             backoff(attempts, config.backoff_base, config.backoff_max),
             *found,
@@ -270,20 +289,14 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     };
     Reschedule {
         id: job.claimed.id,
-        records: Some(encode(&retryable)),
+        records: remaining,
         attempts,
         transient_failures,
         delay,
         last_error: describe(record, failure, retryable.len(), total),
-        dead: transient_failures >= config.max_attempts,
-        split_dead: permanent_error.map(|last_error| {
-            let (records, event_count) = encode(&permanent);
-            DeadSplit {
-                records,
-                event_count,
-                last_error,
-            }
-        }),
+        // Only a failure counted now can make it dead.
+        dead: transient.is_some() && transient_failures >= config.max_attempts,
+        split_dead,
     }
 }
 
@@ -375,6 +388,7 @@ mod tests {
             (ErrorClass::Transient, true),
             (ErrorClass::Throttled, false),
             (ErrorClass::Configuration, false),
+            (ErrorClass::Unavailable, false),
             (ErrorClass::Permanent, true),
         ] {
             let mut state = job(2, &[("a", 1), ("a", 1)]);
@@ -410,6 +424,24 @@ mod tests {
         state.outcomes[0] = failure(ErrorClass::Transient);
         let r = reschedule(&state, &config);
         assert_eq!((r.attempts, r.transient_failures, r.dead), (25, 1, false));
+    }
+
+    #[test]
+    fn failures_that_are_not_the_jobs_fault_never_kill_it() {
+        let config = WorkerConfig {
+            max_attempts: 2,
+            ..WorkerConfig::default()
+        };
+        for class in [ErrorClass::Unavailable, ErrorClass::Configuration] {
+            let mut state = job(1000, &[("a", 1), ("a", 1)]);
+            state.outcomes.fill(failure(class));
+            let r = reschedule(&state, &config);
+            assert!(!r.dead, "{class:?}");
+            assert_eq!(r.transient_failures, 1000, "{class:?}: not counted");
+            assert_eq!(r.attempts, 1001, "{class:?}: drives the backoff");
+            assert!(r.records.is_none(), "nothing delivered: nothing rewritten");
+            assert!(r.delay > Duration::ZERO);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::config::SharedCredentialsProvider;
 
 /// How to reach Kinesis. [`KinesisConfig::from_env`] reads the standard AWS variables.
 #[derive(Debug, Clone)]
@@ -28,6 +29,9 @@ pub struct KinesisConfig {
     pub sdk_max_attempts: u32,
     /// Fixed (access key id, secret) instead of the credential chain: for local emulators.
     pub static_credentials: Option<(String, String)>,
+    /// A credentials provider of your own instead of the standard chain (and of
+    /// `static_credentials`); `role_arn` is still assumed with it when set.
+    pub credentials_provider: Option<SharedCredentialsProvider>,
 }
 
 impl Default for KinesisConfig {
@@ -41,6 +45,7 @@ impl Default for KinesisConfig {
             read_timeout: Duration::from_secs(60),
             sdk_max_attempts: 2,
             static_credentials: None,
+            credentials_provider: None,
         }
     }
 }
@@ -98,6 +103,12 @@ impl KinesisConfig {
         self
     }
 
+    /// Uses a credentials provider of your own (see the field).
+    pub fn with_credentials_provider(mut self, value: Option<SharedCredentialsProvider>) -> Self {
+        self.credentials_provider = value;
+        self
+    }
+
     /// Reads region, endpoint and role from the environment; timeouts keep their defaults.
     pub fn from_env() -> Self {
         KinesisConfig {
@@ -133,11 +144,12 @@ impl KinesisConfig {
             Some(region) => loader.region(aws_config::Region::new(region.clone())),
             None => loader,
         };
-        let loader = match &self.static_credentials {
-            Some((key, secret)) => loader.credentials_provider(
+        let loader = match (&self.credentials_provider, &self.static_credentials) {
+            (Some(provider), _) => loader.credentials_provider(provider.clone()),
+            (None, Some((key, secret))) => loader.credentials_provider(
                 aws_sdk_kinesis::config::Credentials::new(key, secret, None, None, "static"),
             ),
-            None => loader,
+            (None, None) => loader,
         };
         let mut sdk = loader.load().await;
         // Endpoints from the environment belong to Kinesis only (below), never to STS.
@@ -167,3 +179,4 @@ impl KinesisConfig {
         Client::from_conf(config.build())
     }
 }
+
