@@ -9,7 +9,9 @@ use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::config::SharedCredentialsProvider;
 
 /// How to reach Kinesis. [`KinesisConfig::from_env`] reads the standard AWS variables.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output never shows a secret: static credentials print as `<redacted>`.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct KinesisConfig {
     /// `AWS_REGION` / `AWS_DEFAULT_REGION`, default `us-east-1`.
@@ -32,6 +34,28 @@ pub struct KinesisConfig {
     /// A credentials provider of your own instead of the standard chain (and of
     /// `static_credentials`); `role_arn` is still assumed with it when set.
     pub credentials_provider: Option<SharedCredentialsProvider>,
+}
+
+impl std::fmt::Debug for KinesisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KinesisConfig")
+            .field("region", &self.region)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("role_arn", &self.role_arn)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("sdk_max_attempts", &self.sdk_max_attempts)
+            .field(
+                "static_credentials",
+                &self.static_credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "credentials_provider",
+                &self.credentials_provider.as_ref().map(|_| "<custom>"),
+            )
+            .finish()
+    }
 }
 
 impl Default for KinesisConfig {
@@ -180,3 +204,19 @@ impl KinesisConfig {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_static_credentials() {
+        let config = KinesisConfig::default()
+            .with_static_credentials(Some(("AKIDSECRETID".into(), "hunter2-secret".into())));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("AKIDSECRETID"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+}
