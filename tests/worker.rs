@@ -844,6 +844,47 @@ async fn shutdown_gives_unfinished_jobs_back() {
     );
 }
 
+/// A job too big to publish before the delivery deadline makes progress every round: the
+/// cut-off is rescheduled at once, with no attempt counted and no backoff, however many rounds
+/// it takes (max attempts 1, a first backoff of 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_job_cut_off_by_the_deadline_is_neither_counted_nor_delayed() {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    *proxy.faults.slow_for.lock().unwrap() = Duration::from_millis(300);
+    proxy.faults.slow.store(100_000, Ordering::SeqCst);
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 1, 200).await;
+    assert_eq!(journaled.jobs().await.unwrap().len(), 1);
+    let expected = stored(&journaled).await;
+    // 40 requests of 5 records, 8 at a time, 300 ms each: about 16 fit in a round (0.8 s).
+    let config = test_config()
+        .with_lease(Duration::from_secs(1))
+        .with_max_records_per_request(5)
+        .with_max_attempts(1)
+        .with_backoff_base(Duration::from_secs(30))
+        .with_backoff_max(Duration::from_secs(60));
+    let started = std::time::Instant::now();
+    let worker = spawn_worker(&db.pool, &proxy.endpoint(), config).await;
+    let stats = worker.stats.clone();
+    wait_until(20, "the big job is delivered", || async {
+        let jobs = journaled.jobs().await.unwrap();
+        assert!(jobs.iter().all(|j| j.dead_at.is_none()), "{jobs:#?}");
+        assert!(jobs.iter().all(|j| j.attempts == 0), "no attempt counted");
+        jobs.is_empty()
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stats.retried_jobs.load(Ordering::Relaxed) >= 1,
+        "it took more than one round"
+    );
+    worker.stop().await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+}
+
 async fn scrape(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

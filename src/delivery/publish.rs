@@ -43,10 +43,14 @@ pub(crate) const NOT_ATTEMPTED: &str = "not_attempted";
 /// The outcome of a record whose request never completed.
 pub(crate) fn not_attempted() -> Failure {
     Failure {
-        class: ErrorClass::Transient,
+        class: ErrorClass::Unavailable,
         code: NOT_ATTEMPTED.into(),
         message: "the request did not complete before the delivery deadline".into(),
     }
+}
+
+fn cut_off(failure: &Failure) -> bool {
+    failure.code == NOT_ATTEMPTED
 }
 
 /// Groups every record by stream and cuts each stream's records into requests of at most
@@ -205,6 +209,8 @@ fn describe(record: &StoredRecord, failure: &Failure, failed: usize, total: usiz
 ///   toward `max_attempts`. Throttling, configuration errors (credentials, access, stream
 ///   missing) and unavailability (no answer, a whole request failed) never make a job dead,
 ///   however long they last.
+/// - Records the delivery deadline cut off were never answered: when they are all that is
+///   left, the job is due again at once and no attempt is counted.
 /// - The records column is rewritten only when some records were delivered or split off.
 pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     let attempts = job.claimed.attempts.saturating_add(1);
@@ -266,7 +272,26 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     });
     // Nothing to rewrite when every record is still to deliver.
     let remaining = (retryable.len() != total).then(|| encode(&retryable));
-    let find = |class: ErrorClass| retryable.iter().find(|(_, f)| f.class == class);
+    if retryable.iter().all(|(_, f)| cut_off(f)) {
+        return Reschedule {
+            id: job.claimed.id,
+            records: remaining,
+            attempts: job.claimed.attempts,
+            transient_failures: job.claimed.transient_failures,
+            delay: Duration::ZERO,
+            last_error: format!(
+                "the delivery deadline cut publishing off with {} of {total} records unanswered; due again at once",
+                retryable.len()
+            ),
+            dead: false,
+            split_dead,
+        };
+    }
+    let find = |class: ErrorClass| {
+        retryable
+            .iter()
+            .find(|(_, f)| f.class == class && !cut_off(f))
+    };
     let transient = find(ErrorClass::Transient);
     let transient_failures = job
         .claimed
@@ -442,6 +467,39 @@ mod tests {
             assert!(r.records.is_none(), "nothing delivered: nothing rewritten");
             assert!(r.delay > Duration::ZERO);
         }
+    }
+
+    #[test]
+    fn a_deadline_cut_off_is_due_at_once_and_not_counted() {
+        let config = WorkerConfig {
+            max_attempts: 1,
+            ..WorkerConfig::default()
+        };
+        // Progress: the first record was acknowledged, the rest was cut off.
+        let mut state = job(3, &[("a", 1), ("a", 1), ("a", 1)]);
+        state.outcomes[1] = Some(not_attempted());
+        state.outcomes[2] = Some(not_attempted());
+        let r = reschedule(&state, &config);
+        assert!(!r.dead);
+        assert_eq!((r.attempts, r.transient_failures), (3, 3));
+        assert_eq!(r.delay, Duration::ZERO);
+        assert_eq!(
+            r.records.as_ref().unwrap().1,
+            2,
+            "the delivered record is dropped"
+        );
+        // No progress: nothing is rewritten.
+        let mut state = job(0, &[("a", 1), ("a", 1)]);
+        state.outcomes.fill(Some(not_attempted()));
+        let r = reschedule(&state, &config);
+        assert!(!r.dead && r.records.is_none() && r.delay.is_zero());
+        assert_eq!((r.attempts, r.transient_failures), (0, 0));
+        // A real failure beside a cut-off is one: the job is retried after a backoff.
+        let mut state = job(0, &[("a", 1), ("a", 1)]);
+        state.outcomes[0] = Some(not_attempted());
+        state.outcomes[1] = failure(ErrorClass::Transient);
+        let r = reschedule(&state, &config);
+        assert!(r.dead, "max attempts 1: the transient failure counts");
     }
 
     #[test]
