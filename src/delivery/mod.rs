@@ -7,7 +7,7 @@ pub mod metrics;
 mod publish;
 mod sink;
 
-pub use config::WorkerConfig;
+pub use config::{DEFAULT_SHUTDOWN_TIMEOUT, MIN_LEASE, WorkerConfig};
 
 pub use sink::{ErrorClass, Failure, NoopSink, OutRecord, Sink};
 
