@@ -216,6 +216,8 @@ pub trait AppSql: Backend {
     ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
     /// Inserts a job whose records cannot be decoded.
     const CORRUPT_JOB: &'static str;
+    /// Moves every job's commit (`created_at`) an hour into the past.
+    const BACKDATE_AN_HOUR: &'static str;
     /// Runs a `SELECT COUNT(*) ...` on the pool.
     fn count<'c>(pool: &'c sqlx::Pool<Self>, sql: &'static str) -> BoxFuture<'c, i64>;
 }
@@ -223,9 +225,10 @@ pub trait AppSql: Backend {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 macro_rules! app_sql {
-    ($db:ty, $pool:ty, $corrupt:expr) => {
+    ($db:ty, $pool:ty, $corrupt:expr, $backdate:expr) => {
         impl AppSql for $db {
             const CORRUPT_JOB: &'static str = $corrupt;
+            const BACKDATE_AN_HOUR: &'static str = $backdate;
             fn try_exec<'c>(
                 conn: &'c mut Self::Connection,
                 sql: &'static str,
@@ -241,12 +244,14 @@ macro_rules! app_sql {
 app_sql!(
     Postgres,
     PgPool,
-    "INSERT INTO journaled.jobs (event_count, records) VALUES (1, '[{\"id\": not json')"
+    "INSERT INTO journaled.jobs (event_count, records) VALUES (1, '[{\"id\": not json')",
+    "UPDATE journaled.jobs SET created_at = created_at - interval '1 hour'"
 );
 app_sql!(
     Sqlite,
     SqlitePool,
-    "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')"
+    "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')",
+    "UPDATE journaled_jobs SET created_at = created_at - 3600000"
 );
 
 #[cfg(feature = "worker")]

@@ -46,15 +46,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 );
             } else {
                 println!(
-                    "pending: {} jobs, {} events ({} due, {} leased)",
-                    status.pending_jobs, status.pending_events, status.due_jobs, status.leased_jobs
+                    "pending: {} jobs, {} events ({} due, {} leased, {} delayed)",
+                    status.pending_jobs,
+                    status.pending_events,
+                    status.due_jobs,
+                    status.leased_jobs,
+                    status.delayed_jobs
                 );
                 println!(
                     "dead:    {} jobs, {} events",
                     status.dead_jobs, status.dead_events
                 );
                 match status.oldest_pending_age_secs {
-                    Some(age) => println!("oldest pending event: {age:.1} s old"),
+                    Some(age) => println!("oldest pending event: due {age:.1} s ago"),
                     None => println!("oldest pending event: none"),
                 }
             }
