@@ -179,6 +179,16 @@ pub enum Error {
         /// What could not be decoded.
         message: String,
     },
+    /// A draining worker stopped with jobs that fell due still undelivered, held back by a
+    /// failure that is not going away by itself (a configuration error, or the service
+    /// unavailable for longer than the configuration backoff).
+    #[error("the drain left {jobs} due jobs undelivered: {reason}")]
+    Undelivered {
+        /// Pending jobs past their first due time.
+        jobs: i64,
+        /// What holds them back.
+        reason: String,
+    },
     /// The database returned an error.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

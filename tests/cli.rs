@@ -381,15 +381,16 @@ mod worker_binary {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        crate::common::wait_until(30, "the worker starts publishing", || async {
-            proxy.faults.injected_slow.load(Ordering::SeqCst) > 0
+        crate::common::wait_until(30, "the worker publishes, holding leases", || async {
+            // Two stalled requests: the start-up check of the default stream, and a PutRecords.
+            proxy.faults.injected_slow.load(Ordering::SeqCst) >= 2
+                && journaled::store::status(&db.pool)
+                    .await
+                    .unwrap()
+                    .leased_jobs
+                    > 0
         })
         .await;
-        let leased = journaled::store::status(&db.pool)
-            .await
-            .unwrap()
-            .leased_jobs;
-        assert!(leased > 0, "the worker holds leases while publishing");
         doomed.kill().unwrap(); // SIGKILL, mid-request
         doomed.wait().unwrap();
 
@@ -412,6 +413,48 @@ mod worker_binary {
             })
             .collect();
         assert_eq!(ids.len(), 8);
+    }
+
+    /// The worker needs no default stream (each job names its streams); given one, it checks it
+    /// at start. A drain that leaves due events undelivered, held back by a configuration
+    /// error, exits non-zero saying why; once the stream exists, it drains and exits 0.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drain_exits_non_zero_when_it_leaves_events_undelivered() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 2).await;
+        let out = worker(&db.url(), &emulator.endpoint())
+            .arg("--drain")
+            .env("JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", "0.2")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("2 due jobs undelivered") && last.contains("ResourceNotFoundException"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("the default stream does not exist"),
+            "checked at start: {stderr}"
+        );
+        assert_eq!(journaled.jobs().await.unwrap().len(), 2, "nothing is lost");
+
+        emulator.create_stream("test_stream", 1).await;
+        let out = worker(&db.url(), &emulator.endpoint())
+            .arg("--drain")
+            .env_remove("JOURNALED_STREAM_NAME")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "no default stream needed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(emulator.read("test_stream").await.len(), 4);
+        assert!(journaled.jobs().await.unwrap().is_empty());
     }
 
     /// `JOURNALED_IAM_ROLE_ARN` naming a role STS refuses to let the worker assume (for longer
@@ -478,7 +521,7 @@ mod worker_binary {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_worker_settings_exit_with_one_clear_line() {
         let db = TestDb::<sqlx::Postgres>::new().await;
-        let cases: [(&str, &str, &str); 5] = [
+        let cases: [(&str, &str, &str); 4] = [
             ("JOURNALED_WORKER_BATCH_SIZE", "lots", "batch-size"),
             ("JOURNALED_WORKER_LEASE_SECS", "-3", "lease-secs"),
             (
@@ -486,7 +529,6 @@ mod worker_binary {
                 "0.001",
                 "lease must be at least 1s",
             ),
-            ("JOURNALED_STREAM_NAME", "", "JOURNALED_STREAM_NAME"),
             (
                 "DATABASE_URL",
                 "postgres://nobody@127.0.0.1:1/none",

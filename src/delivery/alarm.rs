@@ -11,7 +11,16 @@ use super::sink::{ErrorClass, Failure};
 #[derive(Debug)]
 pub(crate) struct Alarm {
     interval: Duration,
-    raised: Mutex<HashMap<(ErrorClass, String), (Instant, Failure)>>,
+    /// Per kind: when it was first raised (since the last clear), last logged, and the latest
+    /// failure of that kind.
+    raised: Mutex<HashMap<(ErrorClass, String), Raised>>,
+}
+
+#[derive(Debug)]
+struct Raised {
+    since: Instant,
+    logged: Option<Instant>,
+    failure: Failure,
 }
 
 impl Alarm {
@@ -29,13 +38,17 @@ impl Alarm {
         let key = (failure.class, failure.code.clone());
         let now = Instant::now();
         let mut raised = self.raised.lock().expect("poisoned");
-        let due = raised
-            .get(&key)
-            .is_none_or(|(at, _)| now.duration_since(*at) >= self.interval);
+        let entry = raised.entry(key).or_insert_with(|| Raised {
+            since: now,
+            logged: None,
+            failure: failure.clone(),
+        });
+        entry.failure = failure.clone();
+        let due = entry
+            .logged
+            .is_none_or(|logged| now.duration_since(logged) >= self.interval);
         if due {
-            raised.insert(key, (now, failure.clone()));
-        } else if let Some(entry) = raised.get_mut(&key) {
-            entry.1 = failure.clone();
+            entry.logged = Some(now);
         }
         drop(raised);
         if due {
@@ -70,14 +83,20 @@ impl Alarm {
         }
     }
 
-    /// The latest failure holding deliveries back, if any.
-    pub fn holding_back(&self) -> Option<Failure> {
+    /// What holds deliveries back, if anything, and for how long it has: a configuration
+    /// error first, else the longest-standing problem.
+    pub fn holding_back(&self) -> Option<(Failure, Duration)> {
         self.raised
             .lock()
             .expect("poisoned")
             .values()
-            .max_by_key(|(at, _)| *at)
-            .map(|(_, failure)| failure.clone())
+            .max_by_key(|r| {
+                (
+                    r.failure.class == ErrorClass::Configuration,
+                    r.since.elapsed(),
+                )
+            })
+            .map(|r| (r.failure.clone(), r.since.elapsed()))
     }
 }
 

@@ -213,7 +213,22 @@ impl<DB: Backend> Worker<DB> {
                 drop(permit);
                 if config.drain {
                     if units.is_empty() {
-                        break;
+                        match drain_check(&shared).await {
+                            DrainCheck::Done => break,
+                            DrainCheck::GiveUp(e) => {
+                                tracing::error!(error = %e, "giving up the drain");
+                                outcome = Err(e);
+                                break;
+                            }
+                            DrainCheck::Wait => {
+                                tokio::select! {
+                                    biased;
+                                    () = &mut shutdown => break,
+                                    () = tokio::time::sleep(config.poll_interval) => {}
+                                }
+                                continue;
+                            }
+                        }
                     }
                     tokio::select! {
                         biased;
@@ -271,6 +286,44 @@ impl<DB: Backend> Worker<DB> {
         }
         tracing::info!(worker = %id, "worker stopped");
         outcome
+    }
+}
+
+enum DrainCheck {
+    /// Nothing that fell due is left (delayed jobs wait for their time; dead jobs stay dead).
+    Done,
+    /// Jobs wait for a retry, a lease, or their backoff: keep going.
+    Wait,
+    /// Jobs are held back by what a drain cannot outwait.
+    GiveUp(Error),
+}
+
+/// Nothing is claimable and nothing is in flight: is the drain over? Not while jobs that fell
+/// due wait for a retry — unless what holds them back will not go away by itself: a
+/// configuration error, or the service unavailable for longer than the configuration backoff.
+async fn drain_check<DB: Backend>(shared: &Shared<DB>) -> DrainCheck {
+    let status = match DB::status(&shared.pool).await {
+        Ok(status) => status,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the queue failed; draining on");
+            return DrainCheck::Wait;
+        }
+    };
+    let held = status.pending_jobs - status.delayed_jobs;
+    if held <= 0 {
+        return DrainCheck::Done;
+    }
+    match shared.alarm.holding_back() {
+        Some((failure, lasted))
+            if failure.class == ErrorClass::Configuration
+                || lasted >= shared.config.configuration_backoff =>
+        {
+            DrainCheck::GiveUp(Error::Undelivered {
+                jobs: held,
+                reason: failure.to_string(),
+            })
+        }
+        _ => DrainCheck::Wait,
     }
 }
 

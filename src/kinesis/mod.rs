@@ -35,6 +35,18 @@ impl KinesisSink {
     pub fn client(&self) -> &Client {
         &self.client
     }
+
+    /// Checks that `stream` exists and that these credentials reach it
+    /// (`DescribeStreamSummary`): what `journaled worker` does at start for its default stream.
+    pub async fn check_stream(&self, stream: &str) -> Result<(), Failure> {
+        self.client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify_sdk_error(&e))
+    }
 }
 
 impl Sink for KinesisSink {

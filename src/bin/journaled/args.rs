@@ -136,7 +136,7 @@ impl AwsArgs {
 /// `journaled worker` settings; each has an environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// The default stream (required; events may name their own).
+    /// The default stream, checked at start (optional: every job names its streams).
     #[arg(long, hide_env_values = true, env = "JOURNALED_STREAM_NAME")]
     pub stream_name: Option<String>,
     /// Jobs claimed at a time.

@@ -132,16 +132,31 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
 }
 
 async fn run_worker(database_url: &str, args: &WorkerArgs) -> Result<ExitCode, Error> {
-    let Some(_stream) = args.stream_name.as_deref().filter(|s| !s.is_empty()) else {
-        return Err(Error::Config(
-            "JOURNALED_STREAM_NAME (or --stream-name) is not set: name the default Kinesis stream"
-                .into(),
-        ));
-    };
     let config = args.worker_config();
     config.validate()?;
     let pool = DbPool::connect(database_url, false).await?;
     let sink = KinesisSink::new(args.aws.kinesis_config().client().await);
+    // Each job names its streams; the default stream is only checked, beside the first
+    // deliveries, so that a wrong name or a missing stream is said at start rather than at
+    // the first delivery, and a slow answer delays nothing.
+    if let Some(stream) = args.stream_name.clone().filter(|s| !s.is_empty()) {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            match sink.check_stream(&stream).await {
+                Ok(()) => tracing::info!(stream, "the default stream is there"),
+                Err(failure) if failure.code == "ResourceNotFoundException" => tracing::error!(
+                    stream,
+                    error = %failure,
+                    "the default stream does not exist: its events wait (never dead) until it does"
+                ),
+                Err(failure) => tracing::warn!(
+                    stream,
+                    error = %failure,
+                    "could not check the default stream (DescribeStreamSummary); delivering anyway"
+                ),
+            }
+        });
+    }
     let shutdown = shutdown_signal();
     match pool {
         DbPool::Postgres(pool) => Worker::new(pool, sink, config)?.run(shutdown).await?,
