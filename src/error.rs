@@ -131,6 +131,19 @@ pub enum JournalError {
         /// The configured limit.
         limit: usize,
     },
+    /// Staging the event would bring the transaction's staged records over the configured
+    /// bound (`Config::with_max_transaction_bytes`).
+    #[error(
+        "event `{event_type}` would bring the transaction's staged events to {total} bytes, over the {limit}-byte limit (Config::with_max_transaction_bytes, JOURNALED_MAX_TRANSACTION_BYTES): commit in smaller transactions"
+    )]
+    TransactionTooLarge {
+        /// The event type.
+        event_type: String,
+        /// The staged bytes with this event.
+        total: usize,
+        /// The configured bound.
+        limit: usize,
+    },
     /// The event's attributes use a name the envelope owns.
     #[error("event `{event_type}` has an attribute named `{name}`, which the envelope owns")]
     ReservedAttribute {

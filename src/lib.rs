@@ -91,7 +91,7 @@ compile_error!(
 
 pub use config::{
     Config, DEFAULT_FILTER_PARAMETERS, DEFAULT_IGNORED_COLUMNS, DEFAULT_MAX_RECORD_SIZE,
-    DEFAULT_PRIORITY,
+    DEFAULT_MAX_TRANSACTION_BYTES, DEFAULT_PRIORITY,
 };
 pub use context::{
     Context, ContextError, Tags, actor_uri, app_name, commit_hash, current_actor, current_tags,

@@ -759,3 +759,136 @@ async fn migration_tracking_tables_are_journaleds_own() {
     .unwrap();
     assert_eq!(tables, ["journaled.jobs", "journaled.schema_migrations"]);
 }
+
+/// A subscriber that panics after the COMMIT succeeded does not make `commit()` panic or fail,
+/// nor keep the other subscribers from hearing of the event.
+async fn a_panicking_subscriber_does_not_fail_the_commit<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    journaled.on_enqueue(|_| panic!("a subscriber's bug"));
+    let counter = heard.clone();
+    journaled.on_enqueue(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("committed")).unwrap();
+    tx.commit().await.expect("the commit succeeded and says so");
+    assert_eq!(names(&journaled).await, ["committed"]);
+    assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A transaction may stage at most `max_transaction_bytes` (savepoints count toward their
+/// parent's): the event that would go over is refused at `journal!`, naming the event and the
+/// limit, and what was staged still commits.
+async fn a_transaction_is_bounded_in_staged_bytes<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    db.migrated().await;
+    let journaled = db.journaled(test_config().with_max_transaction_bytes(10_000));
+    let mut tx = journaled.begin().await.unwrap();
+    let big = "b".repeat(2_000);
+    let mut staged = 0;
+    let err = loop {
+        match journal!(tx, test_event(&big)) {
+            Ok(_) => staged += 1,
+            Err(e) => break e,
+        }
+        assert!(staged < 10, "never refused");
+    };
+    assert!(
+        matches!(err, JournalError::TransactionTooLarge { .. }),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("test_event") && message.contains("10000-byte limit"),
+        "{message}"
+    );
+    assert_eq!(tx.staged_len(), staged);
+    assert!(tx.staged_bytes() <= 10_000);
+    {
+        let mut savepoint = tx.begin().await.unwrap();
+        assert!(
+            matches!(
+                journal!(savepoint, test_event(&big)),
+                Err(JournalError::TransactionTooLarge { .. })
+            ),
+            "a savepoint counts its parent's bytes"
+        );
+        savepoint.rollback().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(names(&journaled).await.len(), staged);
+}
+
+on_both_backends!(
+    a_panicking_subscriber_does_not_fail_the_commit,
+    a_transaction_is_bounded_in_staged_bytes,
+);
+
+/// Log lines written to memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn take(&self) -> String {
+        String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+    }
+}
+
+/// A transaction (or a savepoint) dropped with staged events says, at `warn`, that they are
+/// discarded; commit and rollback say nothing.
+#[tokio::test]
+async fn dropping_staged_events_leaves_a_trace() {
+    let logs = Captured::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish(),
+    );
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    let journaled = db.migrated().await;
+    {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(tx, test_event("dropped")).unwrap();
+        journal!(tx, Urgent { n: 1 }).unwrap();
+    }
+    let said = logs.take();
+    assert!(
+        said.contains("dropped with staged events")
+            && said.contains("events=2")
+            && said.contains("test_event")
+            && said.contains("free_event"),
+        "{said}"
+    );
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("rolled back")).unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    {
+        let mut savepoint = tx.begin().await.unwrap();
+        journal!(savepoint, test_event("in a dropped savepoint")).unwrap();
+    }
+    assert!(logs.take().contains("events=1"), "a savepoint too");
+    journal!(tx, test_event("committed")).unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(logs.take(), "", "commit and rollback say nothing");
+    assert_eq!(names(&journaled).await, ["committed"]);
+}
