@@ -238,6 +238,7 @@ impl Columns<'_> {
 }
 
 fn columns<R: Audited>(type_name: &str, record: &R) -> Result<Map<String, Value>, JournalError> {
+    event::refuse_unrepresentable(type_name, record)?;
     match serde_json::to_value(record) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(JournalError::Serialization {

@@ -111,7 +111,7 @@ pub enum JournalError {
         /// Why it was refused.
         reason: String,
     },
-    /// The partition key is empty or longer than 256 characters.
+    /// The partition key is empty or longer than 256 UTF-16 code units (as Kinesis counts).
     #[error("event `{event_type}` has an invalid partition key: {reason}")]
     InvalidPartitionKey {
         /// The event type.
@@ -143,6 +143,29 @@ pub enum JournalError {
         total: usize,
         /// The configured bound.
         limit: usize,
+    },
+    /// An attribute is a NaN or an infinite number, which JSON cannot represent (serde_json
+    /// would silently publish `null`).
+    #[error(
+        "event `{event_type}` has a NaN or infinite number at {pointer}: JSON cannot represent it (it would be published as null)"
+    )]
+    NonFiniteNumber {
+        /// The event type.
+        event_type: String,
+        /// JSON pointer to the number.
+        pointer: String,
+    },
+    /// The event nests objects and arrays deeper than the limit.
+    #[error(
+        "event `{event_type}` nests objects and arrays more than {limit} levels deep (at {pointer})"
+    )]
+    NestingTooDeep {
+        /// The event type.
+        event_type: String,
+        /// The deepest nesting allowed, the event itself being the first level.
+        limit: usize,
+        /// JSON pointer to where the limit was passed.
+        pointer: String,
     },
     /// The event's attributes use a name the envelope owns.
     #[error("event `{event_type}` has an attribute named `{name}`, which the envelope owns")]

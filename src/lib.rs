@@ -100,6 +100,7 @@ pub use context::{
 #[cfg(feature = "worker")]
 pub use delivery::{Worker, WorkerConfig, WorkerStats};
 pub use error::{Error, JournalError, Result, Violation};
+pub use event::checks::MAX_NESTING_DEPTH;
 pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
 pub use journaled_derive::{Audited, Event};
 pub use store::{Backend, BoxFuture, Job, JobId, Status, StoredRecord, migrate};

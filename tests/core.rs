@@ -892,3 +892,104 @@ async fn dropping_staged_events_leaves_a_trace() {
     assert_eq!(logs.take(), "", "commit and rollback say nothing");
     assert_eq!(names(&journaled).await, ["committed"]);
 }
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Measured {
+    reading: f64,
+    more: Vec<f32>,
+}
+
+/// Nested `levels` arrays deep, without building them (a deep `serde_json::Value` alike).
+struct Nest(usize);
+
+impl Serialize for Nest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(1))?;
+        if self.0 > 1 {
+            seq.serialize_element(&Nest(self.0 - 1))?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Deep {
+    tree: Nest,
+}
+
+/// What Kinesis or JSON cannot take is refused at `journal!`, naming the event and the limit,
+/// with nothing staged: partition keys counted in UTF-16 units as Kinesis counts them, NaN and
+/// infinite numbers (serde_json would write null), and nesting deep enough to overflow the
+/// stack.
+async fn unrepresentable_input_is_refused_at_journal<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    let refused = |result: Result<journaled::EventId, JournalError>, words: &[&str]| {
+        let message = result.expect_err("refused").to_string();
+        for word in words {
+            assert!(message.contains(word), "{word:?} not in: {message}");
+        }
+    };
+    for wide in ["😀", "𠀀"] {
+        refused(
+            journal!(
+                tx,
+                Keyed {
+                    account: wide.repeat(129)
+                }
+            ),
+            &["free_event", "258 UTF-16 code units", "256"],
+        );
+        journal!(
+            tx,
+            Keyed {
+                account: wide.repeat(128)
+            }
+        )
+        .unwrap();
+    }
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        refused(
+            journal!(
+                tx,
+                Measured {
+                    reading: bad,
+                    more: vec![]
+                }
+            ),
+            &["free_event", "NaN or infinite", "/reading"],
+        );
+    }
+    refused(
+        journal!(
+            tx,
+            Measured {
+                reading: 1.0,
+                more: vec![0.5, f32::NAN]
+            }
+        ),
+        &["/more/1"],
+    );
+    journal!(
+        tx,
+        Measured {
+            reading: 1.5,
+            more: vec![2.0]
+        }
+    )
+    .unwrap();
+    refused(
+        journal!(tx, Deep { tree: Nest(8_000) }),
+        &["free_event", "more than 100 levels"],
+    );
+    journal!(tx, Deep { tree: Nest(99) }).unwrap();
+    assert_eq!(tx.staged_len(), 4);
+    tx.commit().await.unwrap();
+    let stored = events(&journaled).await;
+    assert_eq!(stored[2]["reading"], json!(1.5));
+}
+
+on_both_backends!(unrepresentable_input_is_refused_at_journal);
