@@ -182,6 +182,20 @@ fn bad_database_urls_exit_with_one_clear_line() {
         "{stderr}"
     );
 
+    for url in [
+        "host=127.0.0.1 port=1 password=hunter2 dbname=none",
+        "postgres://nobody:pa?hunter2@127.0.0.1:1/none",
+    ] {
+        let out = cli()
+            .arg("migrate")
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{url}: {stderr}");
+    }
+
     let out = cli()
         .arg("migrate")
         .env("DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/none")
