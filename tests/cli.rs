@@ -209,6 +209,32 @@ fn bad_database_urls_exit_with_one_clear_line() {
     );
 }
 
+/// `journaled status | head -1`: the reader gone, the command ends quietly with SIGPIPE's
+/// status (141), not a panic (101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_quietly() {
+    let db = common::TestDb::<sqlx::Sqlite>::new().await;
+    db.migrated().await;
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["schemas", "check"],
+    ] {
+        let mut child = cli()
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before the first line
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}: quietly");
+    }
+}
+
 mod worker_binary {
     use super::*;
     use crate::common::TestDb;
@@ -530,6 +556,29 @@ mod worker_binary {
         assert!(kill.success());
         assert_eq!(wait_exit(&mut child, 30).await.code(), Some(0));
         let _ = std::fs::remove_file(&log);
+    }
+
+    /// A worker whose stderr closes (its log collector went away) stops as on SIGTERM and exits
+    /// 141, not 101; nothing is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_stderr_stops_the_worker_quietly() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        emulator.create_stream("test_stream", 1).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 3).await;
+        let mut child = worker(&db.url(), &emulator.endpoint())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stderr.take());
+        let status = wait_exit(&mut child, 30).await;
+        assert_eq!(status.code(), Some(141));
+        let status = journaled::store::status(&db.pool).await.unwrap();
+        assert_eq!((status.leased_jobs, status.dead_jobs), (0, 0), "{status:?}");
+        let delivered = emulator.read("test_stream").await.len() as i64;
+        assert_eq!(delivered + status.pending_events, 6, "nothing lost");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
