@@ -179,6 +179,17 @@ impl<DB: Backend> Journaled<DB> {
         &self.shared.schemas
     }
 
+    /// Compiles every schema file now, on a blocking thread, so that no transaction pays for
+    /// compiling one on first use (see [`SchemaRegistry::preload`]). Call it at start-up,
+    /// before serving; returns how many schemas are ready, or the first broken one.
+    pub async fn preload_schemas(&self) -> Result<usize, Error> {
+        let shared = self.shared.clone();
+        match tokio::task::spawn_blocking(move || shared.schemas.preload()).await {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(Error::Config(format!("compiling the schemas failed: {e}"))),
+        }
+    }
+
     /// Runs journaled's migrations on the pool (see [`crate::migrate`]).
     pub async fn migrate(&self) -> Result<(), Error> {
         store::migrate(&self.pool).await

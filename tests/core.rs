@@ -993,3 +993,39 @@ async fn unrepresentable_input_is_refused_at_journal<DB: Backend + AppSql>(db: &
 }
 
 on_both_backends!(unrepresentable_input_is_refused_at_journal);
+
+/// Schemas can be compiled before any transaction needs them: after `preload_schemas`, a
+/// journal! uses the compiled schema and never reads or compiles a file (changing the file
+/// changes nothing); a broken file is reported by name.
+#[tokio::test]
+async fn schemas_can_be_compiled_ahead_of_time() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("preload-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("test_event.json"),
+        r#"{"type": "object", "required": ["name"]}"#,
+    )
+    .unwrap();
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    db.migrated().await;
+    let journaled =
+        db.journaled(test_config().with_schema_roots([dir.clone(), common::schema_root()]));
+    let ready = journaled.preload_schemas().await.unwrap();
+    assert!(ready >= 6, "{ready}");
+    // Compiled already: a stricter file now is not read by journal!.
+    std::fs::write(
+        dir.join("test_event.json"),
+        r#"{"type": "object", "required": ["never_there"]}"#,
+    )
+    .unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("preloaded")).unwrap();
+    tx.commit().await.unwrap();
+
+    std::fs::write(dir.join("broken_event.json"), "{ not json").unwrap();
+    let fresh = db.journaled(test_config().with_schema_roots([dir.clone()]));
+    let err = fresh.preload_schemas().await.unwrap_err().to_string();
+    assert!(err.contains("broken_event.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
