@@ -8,8 +8,10 @@
 //! ## Guarantees
 //! - Commit ⇒ every journaled event is stored (and delivered at least once by the worker);
 //!   rollback, drop, or an error before commit ⇒ none is.
-//! - Bad input (schema violation, missing schema, no stream, bad partition key, a record over
-//!   1 MiB) fails the `journal!` call with an error naming the event type; nothing is staged.
+//! - Bad input (schema violation, missing schema, no stream, a partition key empty or over 256
+//!   UTF-16 code units, a record over 1 MiB, a NaN or infinite number, nesting deeper than
+//!   100 levels, a transaction over its byte bound) fails the `journal!` call with an error
+//!   naming the event type; nothing is staged.
 //! - The bytes published are the bytes validated: an event is serialized once, at `journal!`.
 //!
 //! ## Quick start
