@@ -111,6 +111,7 @@ pub(crate) struct Prepared {
 
 /// When `run_at` falls, seen from `now`; a delay too large for a date saturates far ahead
 /// (it was checked at journal time).
+#[cfg(feature = "testing")]
 pub(crate) fn resolve(run_at: Option<RunAt>, now: OffsetDateTime) -> Option<OffsetDateTime> {
     run_at.map(|run_at| match run_at {
         RunAt::At(at) => at,
