@@ -29,9 +29,9 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/postgres/0002_ready_queue.sql"),
     },
     Migration {
-        version: 3,
+        version: 6,
         description: "first due time",
-        sql: include_str!("../../migrations/postgres/0003_due_at.sql"),
+        sql: include_str!("../../migrations/postgres/0006_due_at.sql"),
     },
 ];
 
