@@ -238,6 +238,7 @@ impl Columns<'_> {
 }
 
 fn columns<R: Audited>(type_name: &str, record: &R) -> Result<Map<String, Value>, JournalError> {
+    event::refuse_unrepresentable(type_name, record)?;
     match serde_json::to_value(record) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(JournalError::Serialization {
@@ -325,6 +326,8 @@ impl<const T: bool> Event for ChangeEvent<T> {
 
 /// Builds, validates and serializes every event a change emits; nothing is staged unless all
 /// of them succeed.
+static NULL: Value = Value::Null;
+
 pub(crate) fn prepare<R: Audited>(
     change: &Change<'_, R>,
     config: &Config,
@@ -373,8 +376,12 @@ pub(crate) fn prepare<R: Audited>(
                     before.as_ref().expect("before"),
                     after.as_ref().expect("after"),
                 );
-                for (column, new) in after {
+                // Every column on either side: one that disappears from the serialized
+                // record (`skip_serializing_if`, Some → None) changed to null.
+                let gone = before.keys().filter(|c| !after.contains_key(*c));
+                for column in after.keys().chain(gone) {
                     let old = before.get(column).unwrap_or(&Value::Null);
+                    let new = after.get(column).unwrap_or(&Value::Null);
                     if !ignored(column) && old != new {
                         changes.insert(
                             column.clone(),
@@ -424,7 +431,12 @@ pub(crate) fn prepare<R: Audited>(
                 Operation::Update => {
                     let new = after.as_ref().and_then(|a| a.get(attribute));
                     let old = before.as_ref().and_then(|b| b.get(attribute));
-                    if new == old { None } else { new }
+                    // Absent (skipped when None) is null: a value that disappears changed.
+                    if new == old {
+                        None
+                    } else {
+                        Some(new.unwrap_or(&NULL))
+                    }
                 }
             };
             if let Some(value) = value {

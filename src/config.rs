@@ -27,6 +27,11 @@ pub const DEFAULT_IGNORED_COLUMNS: &[&str] = &["created_at", "updated_at"];
 /// How long commits are gathered into one notification to other processes' workers.
 pub const DEFAULT_NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// The default bound on the bytes a transaction may stage (256 MiB): far above any sensible
+/// transaction, well below what would exhaust the application's memory or PostgreSQL's 1 GB
+/// message limit at COMMIT.
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 256 * 1024 * 1024;
+
 /// The default job priority (lower runs first), as in the reference gem.
 pub const DEFAULT_PRIORITY: i32 = 20;
 
@@ -39,6 +44,7 @@ pub struct Config {
     pub(crate) default_priority: i32,
     pub(crate) enabled: bool,
     pub(crate) max_record_size: usize,
+    pub(crate) max_transaction_bytes: usize,
     pub(crate) filter_parameters: Vec<String>,
     pub(crate) audit_ignored_columns: Vec<String>,
     pub(crate) snapshot_on_deletion: bool,
@@ -56,6 +62,7 @@ impl Default for Config {
             default_priority: DEFAULT_PRIORITY,
             enabled: true,
             max_record_size: DEFAULT_MAX_RECORD_SIZE,
+            max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
             filter_parameters: DEFAULT_FILTER_PARAMETERS
                 .iter()
                 .map(|n| (*n).to_owned())
@@ -88,6 +95,7 @@ impl Config {
     /// Reads `JOURNALED_STREAM_NAME`, `JOURNALED_APP_NAME`, `JOURNALED_SCHEMA_PATH` (a
     /// `:`-separated list of folders, first match wins), `JOURNALED_JOB_PRIORITY` and
     /// `JOURNALED_ENABLED`, `JOURNALED_FILTER_PARAMETERS` (comma-separated sensitive names),
+    /// `JOURNALED_MAX_TRANSACTION_BYTES`,
     /// `JOURNALED_NOTIFY` and `JOURNALED_NOTIFY_INTERVAL_MS`.
     /// A malformed value is an error that names the variable.
     pub fn from_env() -> Result<Config, Error> {
@@ -129,6 +137,13 @@ impl Config {
                 ))
             })?;
             config.notify_interval = std::time::Duration::from_millis(parsed);
+        }
+        if let Some(bytes) = var("JOURNALED_MAX_TRANSACTION_BYTES") {
+            config.max_transaction_bytes = bytes.trim().parse().ok().filter(|b| *b > 0).ok_or_else(|| {
+                Error::Config(format!(
+                    "JOURNALED_MAX_TRANSACTION_BYTES must be a positive whole number of bytes, got `{bytes}`"
+                ))
+            })?;
         }
         if let Some(enabled) = var("JOURNALED_ENABLED") {
             config.enabled = parse_bool(&enabled).ok_or_else(|| {
@@ -178,6 +193,14 @@ impl Config {
     /// The largest record (data plus partition key) accepted; Kinesis' default is 1 MiB.
     pub fn with_max_record_size(mut self, bytes: usize) -> Self {
         self.max_record_size = bytes;
+        self
+    }
+
+    /// The most bytes of records one transaction may stage (default 256 MiB): the event that
+    /// would go over is refused at `journal!` with [`JournalError::TransactionTooLarge`](crate::JournalError::TransactionTooLarge),
+    /// so a runaway transaction neither exhausts memory nor fails at COMMIT.
+    pub fn with_max_transaction_bytes(mut self, bytes: usize) -> Self {
+        self.max_transaction_bytes = bytes;
         self
     }
 

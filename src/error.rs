@@ -111,7 +111,7 @@ pub enum JournalError {
         /// Why it was refused.
         reason: String,
     },
-    /// The partition key is empty or longer than 256 characters.
+    /// The partition key is empty or longer than 256 UTF-16 code units (as Kinesis counts).
     #[error("event `{event_type}` has an invalid partition key: {reason}")]
     InvalidPartitionKey {
         /// The event type.
@@ -130,6 +130,42 @@ pub enum JournalError {
         size: usize,
         /// The configured limit.
         limit: usize,
+    },
+    /// Staging the event would bring the transaction's staged records over the configured
+    /// bound (`Config::with_max_transaction_bytes`).
+    #[error(
+        "event `{event_type}` would bring the transaction's staged events to {total} bytes, over the {limit}-byte limit (Config::with_max_transaction_bytes, JOURNALED_MAX_TRANSACTION_BYTES): commit in smaller transactions"
+    )]
+    TransactionTooLarge {
+        /// The event type.
+        event_type: String,
+        /// The staged bytes with this event.
+        total: usize,
+        /// The configured bound.
+        limit: usize,
+    },
+    /// An attribute is a NaN or an infinite number, which JSON cannot represent (serde_json
+    /// would silently publish `null`).
+    #[error(
+        "event `{event_type}` has a NaN or infinite number at {pointer}: JSON cannot represent it (it would be published as null)"
+    )]
+    NonFiniteNumber {
+        /// The event type.
+        event_type: String,
+        /// JSON pointer to the number.
+        pointer: String,
+    },
+    /// The event nests objects and arrays deeper than the limit.
+    #[error(
+        "event `{event_type}` nests objects and arrays more than {limit} levels deep (at {pointer})"
+    )]
+    NestingTooDeep {
+        /// The event type.
+        event_type: String,
+        /// The deepest nesting allowed, the event itself being the first level.
+        limit: usize,
+        /// JSON pointer to where the limit was passed.
+        pointer: String,
     },
     /// The event's attributes use a name the envelope owns.
     #[error("event `{event_type}` has an attribute named `{name}`, which the envelope owns")]
@@ -178,6 +214,16 @@ pub enum Error {
         job_id: i64,
         /// What could not be decoded.
         message: String,
+    },
+    /// A draining worker stopped with jobs that fell due still undelivered, held back by a
+    /// failure that is not going away by itself (a configuration error, or the service
+    /// unavailable for longer than the configuration backoff).
+    #[error("the drain left {jobs} due jobs undelivered: {reason}")]
+    Undelivered {
+        /// Pending jobs past their first due time.
+        jobs: i64,
+        /// What holds them back.
+        reason: String,
     },
     /// The database returned an error.
     #[error("database: {0}")]

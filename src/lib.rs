@@ -9,8 +9,10 @@
 //! ## Guarantees
 //! - Commit ⇒ every journaled event is stored (and delivered at least once by the worker);
 //!   rollback, drop, or an error before commit ⇒ none is.
-//! - Bad input (schema violation, missing schema, no stream, bad partition key, a record over
-//!   1 MiB) fails the `journal!` call with an error naming the event type; nothing is staged.
+//! - Bad input (schema violation, missing schema, no stream, a partition key empty or over 256
+//!   UTF-16 code units, a record over 1 MiB, a NaN or infinite number, nesting deeper than
+//!   100 levels, a transaction over its byte bound) fails the `journal!` call with an error
+//!   naming the event type; nothing is staged.
 //! - The bytes published are the bytes validated: an event is serialized once, at `journal!`.
 //!
 //! ## Quick start
@@ -92,7 +94,7 @@ compile_error!(
 
 pub use config::{
     Config, DEFAULT_FILTER_PARAMETERS, DEFAULT_IGNORED_COLUMNS, DEFAULT_MAX_RECORD_SIZE,
-    DEFAULT_PRIORITY,
+    DEFAULT_MAX_TRANSACTION_BYTES, DEFAULT_PRIORITY,
 };
 pub use context::{
     Context, ContextError, Tags, actor_uri, app_name, commit_hash, current_actor, current_tags,
@@ -101,6 +103,7 @@ pub use context::{
 #[cfg(feature = "worker")]
 pub use delivery::{Worker, WorkerConfig, WorkerStats};
 pub use error::{Error, JournalError, Result, Violation};
+pub use event::checks::MAX_NESTING_DEPTH;
 pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
 pub use journaled_derive::{Audited, Event};
 pub use store::{Backend, BoxFuture, Job, JobId, Status, StoredRecord, migrate};

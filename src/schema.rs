@@ -180,6 +180,47 @@ impl SchemaRegistry {
         }
     }
 
+    /// Compiles, now, every schema a lookup can find — the built-in ones and each `*.json`
+    /// directly in a root, the first root holding a name winning — so that no `journal!` pays
+    /// for compiling one (a large schema can take seconds) inside the application's
+    /// transaction. Returns how many are ready; a broken file is an error naming it (it stays
+    /// remembered as broken, as a lookup would remember it). CPU-bound: call it at start-up,
+    /// or through [`Journaled::preload_schemas`](crate::Journaled::preload_schemas).
+    pub fn preload(&self) -> Result<usize, JournalError> {
+        let mut names: Vec<String> = BUILT_IN
+            .iter()
+            .map(|(name, _)| (*name).to_owned())
+            .collect();
+        for root in &self.roots {
+            let mut files = Vec::new();
+            collect_json(root, &mut files);
+            files.sort();
+            names.extend(
+                files
+                    .iter()
+                    .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned())),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut ready = 0;
+        let mut first_error = None;
+        for name in names {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            match self.load(&name) {
+                Ok(_) => ready += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(ready),
+        }
+    }
+
     /// Validates a whole event against `base_event`, `tagged_event` (when tagged) and its own
     /// schema, collecting every violation.
     pub fn validate(

@@ -46,7 +46,16 @@ impl Shared {
                 data: &event.data,
             };
             for subscriber in &subscribers {
-                subscriber(&enqueued);
+                // The COMMIT happened: a panicking subscriber must not make `commit()` look
+                // like it failed, nor keep the others from hearing about the event.
+                let call = std::panic::AssertUnwindSafe(|| subscriber(&enqueued));
+                if std::panic::catch_unwind(call).is_err() {
+                    tracing::error!(
+                        event_type = event.event_type,
+                        event_id = %event.id,
+                        "an on_enqueue subscriber panicked; the event is committed all the same"
+                    );
+                }
             }
         }
     }
@@ -170,6 +179,17 @@ impl<DB: Backend> Journaled<DB> {
         &self.shared.schemas
     }
 
+    /// Compiles every schema file now, on a blocking thread, so that no transaction pays for
+    /// compiling one on first use (see [`SchemaRegistry::preload`]). Call it at start-up,
+    /// before serving; returns how many schemas are ready, or the first broken one.
+    pub async fn preload_schemas(&self) -> Result<usize, Error> {
+        let shared = self.shared.clone();
+        match tokio::task::spawn_blocking(move || shared.schemas.preload()).await {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(Error::Config(format!("compiling the schemas failed: {e}"))),
+        }
+    }
+
     /// Runs journaled's migrations on the pool (see [`crate::migrate`]).
     pub async fn migrate(&self) -> Result<(), Error> {
         store::migrate(&self.pool).await
@@ -191,8 +211,9 @@ impl<DB: Backend> Journaled<DB> {
         let report = <DB as sqlx::Database>::TransactionManager::get_transaction_depth(&tx) <= 1;
         Transaction {
             tx,
-            staged: Vec::new(),
+            staged: Staged::default(),
             parent: None,
+            outer_bytes: 0,
             shared: self.shared.clone(),
             report,
         }
@@ -256,6 +277,47 @@ impl<DB: Backend> Journaled<DB> {
     }
 }
 
+/// The events a transaction staged, and their size. Dropped with events still in it (the
+/// transaction was dropped without `commit` or `rollback`), it says so: they are discarded.
+#[derive(Default)]
+struct Staged {
+    events: Vec<Prepared>,
+    /// Bytes of the staged records (data, partition key, stream, and the record's framing).
+    bytes: usize,
+}
+
+/// The framing of one record in a job row, near enough: id and field names.
+const RECORD_OVERHEAD: usize = 96;
+
+fn record_bytes(prepared: &Prepared) -> usize {
+    prepared.data.len() + prepared.partition_key.len() + prepared.stream.len() + RECORD_OVERHEAD
+}
+
+impl Staged {
+    /// Takes the events out (to commit them, or to drop them on purpose).
+    fn take(&mut self) -> (Vec<Prepared>, usize) {
+        let bytes = std::mem::take(&mut self.bytes);
+        (std::mem::take(&mut self.events), bytes)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
+        let mut types: Vec<&str> = self.events.iter().map(|e| e.event_type).collect();
+        types.sort_unstable();
+        types.dedup();
+        tracing::warn!(
+            target: "journaled.event.discard",
+            events = self.events.len(),
+            event_types = ?types,
+            "a journaled transaction was dropped with staged events, which are discarded: commit() or rollback() it"
+        );
+    }
+}
+
 /// A database transaction that journals events: they are validated when journaled, kept in
 /// memory, and written as job rows just before COMMIT.
 ///
@@ -263,9 +325,11 @@ impl<DB: Backend> Journaled<DB> {
 /// same transaction. Dropping it, or [`rollback`](Self::rollback), discards the staged events.
 pub struct Transaction<'c, DB: Backend> {
     tx: sqlx::Transaction<'c, DB>,
-    staged: Vec<Prepared>,
+    staged: Staged,
     /// A savepoint hands its events to its parent on release.
-    parent: Option<&'c mut Vec<Prepared>>,
+    parent: Option<&'c mut Staged>,
+    /// Bytes the enclosing transactions staged (for a savepoint).
+    outer_bytes: usize,
     shared: Arc<Shared>,
     /// Whether committing this transaction really commits (false inside an outer one).
     report: bool,
@@ -274,7 +338,7 @@ pub struct Transaction<'c, DB: Backend> {
 impl<DB: Backend> std::fmt::Debug for Transaction<'_, DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transaction")
-            .field("staged", &self.staged.len())
+            .field("staged", &self.staged.events.len())
             .field("savepoint", &self.parent.is_some())
             .finish_non_exhaustive()
     }
@@ -285,7 +349,30 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
     /// staged and the transaction is untouched. This is what `journal!(tx, event)` does.
     pub fn journal_event<E: Event>(&mut self, event: &E) -> Result<EventId, JournalError> {
         let prepared = event::prepare(event, &self.shared.config, &self.shared.schemas)?;
+        self.check_size(std::slice::from_ref(&prepared))?;
         Ok(self.stage(prepared))
+    }
+
+    /// Refuses events that would bring the transaction (its savepoints' parents included)
+    /// over `Config::with_max_transaction_bytes`: the application learns at `journal!`, not
+    /// at COMMIT, and its memory stays bounded.
+    fn check_size(&self, batch: &[Prepared]) -> Result<(), JournalError> {
+        if !self.shared.config.enabled {
+            return Ok(());
+        }
+        let limit = self.shared.config.max_transaction_bytes;
+        let mut total = self.outer_bytes + self.staged.bytes;
+        for prepared in batch {
+            total += record_bytes(prepared);
+            if total > limit {
+                return Err(JournalError::TransactionTooLarge {
+                    event_type: prepared.event_type.to_owned(),
+                    total,
+                    limit,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn stage(&mut self, prepared: Prepared) -> EventId {
@@ -298,7 +385,8 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
             "event staged"
         );
         if self.shared.config.enabled {
-            self.staged.push(prepared);
+            self.staged.bytes += record_bytes(&prepared);
+            self.staged.events.push(prepared);
         }
         id
     }
@@ -310,12 +398,19 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         change: crate::audit::Change<'_, R>,
     ) -> Result<Vec<EventId>, JournalError> {
         let prepared = crate::audit::prepare(&change, &self.shared.config, &self.shared.schemas)?;
+        self.check_size(&prepared)?;
         Ok(prepared.into_iter().map(|p| self.stage(p)).collect())
     }
 
     /// How many events are staged in this transaction (not counting open savepoints).
     pub fn staged_len(&self) -> usize {
-        self.staged.len()
+        self.staged.events.len()
+    }
+
+    /// Bytes staged in this transaction (not counting open savepoints), as counted against
+    /// `Config::with_max_transaction_bytes`.
+    pub fn staged_bytes(&self) -> usize {
+        self.staged.bytes
     }
 
     /// Begins a savepoint. Its events join this transaction's when it commits (releases), and
@@ -324,7 +419,8 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         let tx = sqlx::Connection::begin(&mut *self.tx).await?;
         Ok(Transaction {
             tx,
-            staged: Vec::new(),
+            staged: Staged::default(),
+            outer_bytes: self.outer_bytes + self.staged.bytes,
             parent: Some(&mut self.staged),
             shared: self.shared.clone(),
             report: false,
@@ -336,20 +432,24 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
     #[tracing::instrument(
         name = "journaled.commit",
         skip_all,
-        fields(events = self.staged.len(), savepoint = self.parent.is_some()),
+        fields(events = self.staged.events.len(), savepoint = self.parent.is_some()),
         err
     )]
     pub async fn commit(self) -> Result<(), Error> {
         let Transaction {
             mut tx,
-            staged,
+            mut staged,
             parent,
+            outer_bytes: _,
             shared,
             report,
         } = self;
+        // From here the events are either committed or the error says they are not.
+        let (staged, bytes) = staged.take();
         if let Some(parent) = parent {
             tx.commit().await?;
-            parent.extend(staged);
+            parent.events.extend(staged);
+            parent.bytes += bytes;
             return Ok(());
         }
         if staged.is_empty() {
@@ -370,7 +470,8 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
     }
 
     /// Rolls back; the staged events are discarded.
-    pub async fn rollback(self) -> Result<(), Error> {
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        self.staged.take();
         self.tx.rollback().await?;
         Ok(())
     }

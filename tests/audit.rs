@@ -487,6 +487,53 @@ async fn filtering_follows_serde_names_nesting_and_defaults<DB: Backend + AppSql
 
 on_both_backends!(filtering_follows_serde_names_nesting_and_defaults);
 
+#[derive(Serialize, journaled::Audited)]
+#[audited(table = "profiles")]
+#[journal_changes_to(nickname, as = "nickname_change")]
+struct Profile {
+    id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nickname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<f64>,
+}
+
+/// A field that disappears from the serialized record (`skip_serializing_if`, Some → None) is
+/// a change to null, in the audit log and in change journaling; and a NaN is refused, not
+/// logged as null.
+async fn a_field_that_disappears_is_a_change<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = setup(db, config()).await;
+    let before = Profile {
+        id: 7,
+        nickname: Some("ada".into()),
+        score: None,
+    };
+    let after = Profile {
+        id: 7,
+        nickname: None,
+        score: None,
+    };
+    let mut tx = journaled.begin().await.unwrap();
+    tx.audit(Change::update(&before, &after)).unwrap();
+    let nan = Profile {
+        id: 7,
+        nickname: None,
+        score: Some(f64::NAN),
+    };
+    let err = tx.audit(Change::update(&after, &nan)).unwrap_err();
+    assert!(err.to_string().contains("/score"), "{err}");
+    tx.commit().await.unwrap();
+    let logs = audit_logs(&journaled).await;
+    assert_eq!(logs.len(), 1, "{logs:#?}");
+    assert_eq!(logs[0]["changes"], json!({"nickname": ["ada", null]}));
+    let changes = by_type(&journaled, "journaled_change").await;
+    assert_eq!(changes.len(), 1, "{changes:#?}");
+    let changed: Value = serde_json::from_str(changes[0]["changes"].as_str().unwrap()).unwrap();
+    assert_eq!(changed, json!({"nickname": null}));
+}
+
+on_both_backends!(a_field_that_disappears_is_a_change);
+
 /// A hand-written impl naming a column the type does not have is refused at start-up.
 #[test]
 fn declarations_are_checked_against_the_columns() {

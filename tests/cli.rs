@@ -72,7 +72,7 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
         .fetch_one(&pg.pool)
         .await
         .unwrap();
-    assert_eq!(count, 3, "every embedded migration, once");
+    assert_eq!(count, 4, "every embedded migration, once");
 }
 
 /// On a database nobody migrated, every command but `migrate` says in one line to run
@@ -182,6 +182,20 @@ fn bad_database_urls_exit_with_one_clear_line() {
         "{stderr}"
     );
 
+    for url in [
+        "host=127.0.0.1 port=1 password=hunter2 dbname=none",
+        "postgres://nobody:pa?hunter2@127.0.0.1:1/none",
+    ] {
+        let out = cli()
+            .arg("migrate")
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{url}: {stderr}");
+    }
+
     let out = cli()
         .arg("migrate")
         .env("DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/none")
@@ -195,10 +209,36 @@ fn bad_database_urls_exit_with_one_clear_line() {
     );
 }
 
+/// `journaled status | head -1`: the reader gone, the command ends quietly with SIGPIPE's
+/// status (141), not a panic (101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_quietly() {
+    let db = common::TestDb::<sqlx::Sqlite>::new().await;
+    db.migrated().await;
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["schemas", "check"],
+    ] {
+        let mut child = cli()
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before the first line
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}: quietly");
+    }
+}
+
 mod worker_binary {
     use super::*;
     use crate::common::TestDb;
-    use crate::common::kinesis::{Emulator, FaultProxy, Kind};
+    use crate::common::kinesis::{Emulator, FakeSts, FaultProxy, Kind};
     use journaled::{Journaled, journal};
     use std::process::{Child, Stdio};
     use std::sync::atomic::Ordering;
@@ -502,15 +542,16 @@ mod worker_binary {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        crate::common::wait_until(30, "the worker starts publishing", || async {
-            proxy.faults.injected_slow.load(Ordering::SeqCst) > 0
+        crate::common::wait_until(30, "the worker publishes, holding leases", || async {
+            // Two stalled requests: the start-up check of the default stream, and a PutRecords.
+            proxy.faults.injected_slow.load(Ordering::SeqCst) >= 2
+                && journaled::store::status(&db.pool)
+                    .await
+                    .unwrap()
+                    .leased_jobs
+                    > 0
         })
         .await;
-        let leased = journaled::store::status(&db.pool)
-            .await
-            .unwrap()
-            .leased_jobs;
-        assert!(leased > 0, "the worker holds leases while publishing");
         doomed.kill().unwrap(); // SIGKILL, mid-request
         doomed.wait().unwrap();
 
@@ -535,13 +576,143 @@ mod worker_binary {
         assert_eq!(ids.len(), 8);
     }
 
+    /// The worker needs no default stream (each job names its streams); given one, it checks it
+    /// at start. A drain that leaves due events undelivered, held back by a configuration
+    /// error, exits non-zero saying why; once the stream exists, it drains and exits 0.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drain_exits_non_zero_when_it_leaves_events_undelivered() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 2).await;
+        let out = worker(&db.url(), &emulator.endpoint())
+            .arg("--drain")
+            .env("JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", "0.2")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("2 due jobs undelivered") && last.contains("ResourceNotFoundException"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("the default stream does not exist"),
+            "checked at start: {stderr}"
+        );
+        assert_eq!(journaled.jobs().await.unwrap().len(), 2, "nothing is lost");
+
+        emulator.create_stream("test_stream", 1).await;
+        let out = worker(&db.url(), &emulator.endpoint())
+            .arg("--drain")
+            .env_remove("JOURNALED_STREAM_NAME")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "no default stream needed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(emulator.read("test_stream").await.len(), 4);
+        assert!(journaled.jobs().await.unwrap().is_empty());
+    }
+
+    /// `JOURNALED_IAM_ROLE_ARN` naming a role STS refuses to let the worker assume (for longer
+    /// than `max attempts` rounds): a configuration error, said at `error` level with what to
+    /// fix, no job dead; once STS grants the role, everything is delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_assume_role_refused_by_sts_kills_nothing() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        emulator.create_stream("test_stream", 1).await;
+        let sts = FakeSts::start(true).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 3).await;
+        let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("assume-role-{}.log", uuid::Uuid::now_v7().simple()));
+        let mut child = worker(&db.url(), &emulator.endpoint())
+            .env(
+                "JOURNALED_IAM_ROLE_ARN",
+                "arn:aws:iam::123456789012:role/journaled-test",
+            )
+            .env("AWS_ENDPOINT_URL_STS", sts.endpoint())
+            .env("JOURNALED_WORKER_MAX_ATTEMPTS", "2")
+            .env("JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", "0.2")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        crate::common::wait_until(60, "every job was refused credentials 4 times", || async {
+            let jobs = journaled.jobs().await.unwrap();
+            assert!(jobs.iter().all(|j| j.dead_at.is_none()), "{jobs:#?}");
+            jobs.iter().all(|j| j.attempts >= 4)
+        })
+        .await;
+        assert!(sts.refused.load(Ordering::SeqCst) >= 4);
+        let error = journaled.jobs().await.unwrap()[0]
+            .last_error
+            .clone()
+            .unwrap();
+        assert!(
+            error.contains("credentials") && error.contains("AccessDenied"),
+            "{error}"
+        );
+        let logged = std::fs::read_to_string(&log).unwrap();
+        let alarms = logged
+            .lines()
+            .filter(|l| l.contains("configuration error"))
+            .count();
+        assert!(
+            alarms >= 1 && logged.contains("sts:AssumeRole"),
+            "said at error level, with what to fix: {logged}"
+        );
+        sts.refuse.store(false, Ordering::SeqCst);
+        wait_until_empty(&journaled, 60).await;
+        assert!(sts.granted.load(Ordering::SeqCst) >= 1);
+        assert_eq!(emulator.read("test_stream").await.len(), 6);
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        assert_eq!(wait_exit(&mut child, 30).await.code(), Some(0));
+        let _ = std::fs::remove_file(&log);
+    }
+
+    /// A worker whose stderr closes (its log collector went away) stops as on SIGTERM and exits
+    /// 141, not 101; nothing is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_stderr_stops_the_worker_quietly() {
+        let emulator = Emulator::start(Kind::Kinesalite).await;
+        emulator.create_stream("test_stream", 1).await;
+        let db = TestDb::<sqlx::Postgres>::new().await;
+        let journaled = db.migrated().await;
+        commit(&journaled, 3).await;
+        let mut child = worker(&db.url(), &emulator.endpoint())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stderr.take());
+        let status = wait_exit(&mut child, 30).await;
+        assert_eq!(status.code(), Some(141));
+        let status = journaled::store::status(&db.pool).await.unwrap();
+        assert_eq!((status.leased_jobs, status.dead_jobs), (0, 0), "{status:?}");
+        let delivered = emulator.read("test_stream").await.len() as i64;
+        assert_eq!(delivered + status.pending_events, 6, "nothing lost");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_worker_settings_exit_with_one_clear_line() {
         let db = TestDb::<sqlx::Postgres>::new().await;
         let cases: [(&str, &str, &str); 4] = [
             ("JOURNALED_WORKER_BATCH_SIZE", "lots", "batch-size"),
             ("JOURNALED_WORKER_LEASE_SECS", "-3", "lease-secs"),
-            ("JOURNALED_STREAM_NAME", "", "JOURNALED_STREAM_NAME"),
+            (
+                "JOURNALED_WORKER_LEASE_SECS",
+                "0.001",
+                "lease must be at least 1s",
+            ),
             (
                 "DATABASE_URL",
                 "postgres://nobody@127.0.0.1:1/none",

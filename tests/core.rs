@@ -766,3 +766,273 @@ async fn migration_tracking_tables_are_journaleds_own() {
         ]
     );
 }
+
+/// A subscriber that panics after the COMMIT succeeded does not make `commit()` panic or fail,
+/// nor keep the other subscribers from hearing of the event.
+async fn a_panicking_subscriber_does_not_fail_the_commit<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    journaled.on_enqueue(|_| panic!("a subscriber's bug"));
+    let counter = heard.clone();
+    journaled.on_enqueue(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("committed")).unwrap();
+    tx.commit().await.expect("the commit succeeded and says so");
+    assert_eq!(names(&journaled).await, ["committed"]);
+    assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A transaction may stage at most `max_transaction_bytes` (savepoints count toward their
+/// parent's): the event that would go over is refused at `journal!`, naming the event and the
+/// limit, and what was staged still commits.
+async fn a_transaction_is_bounded_in_staged_bytes<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    db.migrated().await;
+    let journaled = db.journaled(test_config().with_max_transaction_bytes(10_000));
+    let mut tx = journaled.begin().await.unwrap();
+    let big = "b".repeat(2_000);
+    let mut staged = 0;
+    let err = loop {
+        match journal!(tx, test_event(&big)) {
+            Ok(_) => staged += 1,
+            Err(e) => break e,
+        }
+        assert!(staged < 10, "never refused");
+    };
+    assert!(
+        matches!(err, JournalError::TransactionTooLarge { .. }),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("test_event") && message.contains("10000-byte limit"),
+        "{message}"
+    );
+    assert_eq!(tx.staged_len(), staged);
+    assert!(tx.staged_bytes() <= 10_000);
+    {
+        let mut savepoint = tx.begin().await.unwrap();
+        assert!(
+            matches!(
+                journal!(savepoint, test_event(&big)),
+                Err(JournalError::TransactionTooLarge { .. })
+            ),
+            "a savepoint counts its parent's bytes"
+        );
+        savepoint.rollback().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(names(&journaled).await.len(), staged);
+}
+
+on_both_backends!(
+    a_panicking_subscriber_does_not_fail_the_commit,
+    a_transaction_is_bounded_in_staged_bytes,
+);
+
+/// Log lines written to memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn take(&self) -> String {
+        String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+    }
+}
+
+/// A transaction (or a savepoint) dropped with staged events says, at `warn`, that they are
+/// discarded; commit and rollback say nothing.
+#[tokio::test]
+async fn dropping_staged_events_leaves_a_trace() {
+    let logs = Captured::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish(),
+    );
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    let journaled = db.migrated().await;
+    {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(tx, test_event("dropped")).unwrap();
+        journal!(tx, Urgent { n: 1 }).unwrap();
+    }
+    let said = logs.take();
+    assert!(
+        said.contains("dropped with staged events")
+            && said.contains("events=2")
+            && said.contains("test_event")
+            && said.contains("free_event"),
+        "{said}"
+    );
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("rolled back")).unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    {
+        let mut savepoint = tx.begin().await.unwrap();
+        journal!(savepoint, test_event("in a dropped savepoint")).unwrap();
+    }
+    assert!(logs.take().contains("events=1"), "a savepoint too");
+    journal!(tx, test_event("committed")).unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(logs.take(), "", "commit and rollback say nothing");
+    assert_eq!(names(&journaled).await, ["committed"]);
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Measured {
+    reading: f64,
+    more: Vec<f32>,
+}
+
+/// Nested `levels` arrays deep, without building them (a deep `serde_json::Value` alike).
+struct Nest(usize);
+
+impl Serialize for Nest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(1))?;
+        if self.0 > 1 {
+            seq.serialize_element(&Nest(self.0 - 1))?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Deep {
+    tree: Nest,
+}
+
+/// What Kinesis or JSON cannot take is refused at `journal!`, naming the event and the limit,
+/// with nothing staged: partition keys counted in UTF-16 units as Kinesis counts them, NaN and
+/// infinite numbers (serde_json would write null), and nesting deep enough to overflow the
+/// stack.
+async fn unrepresentable_input_is_refused_at_journal<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    let refused = |result: Result<journaled::EventId, JournalError>, words: &[&str]| {
+        let message = result.expect_err("refused").to_string();
+        for word in words {
+            assert!(message.contains(word), "{word:?} not in: {message}");
+        }
+    };
+    for wide in ["😀", "𠀀"] {
+        refused(
+            journal!(
+                tx,
+                Keyed {
+                    account: wide.repeat(129)
+                }
+            ),
+            &["free_event", "258 UTF-16 code units", "256"],
+        );
+        journal!(
+            tx,
+            Keyed {
+                account: wide.repeat(128)
+            }
+        )
+        .unwrap();
+    }
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        refused(
+            journal!(
+                tx,
+                Measured {
+                    reading: bad,
+                    more: vec![]
+                }
+            ),
+            &["free_event", "NaN or infinite", "/reading"],
+        );
+    }
+    refused(
+        journal!(
+            tx,
+            Measured {
+                reading: 1.0,
+                more: vec![0.5, f32::NAN]
+            }
+        ),
+        &["/more/1"],
+    );
+    journal!(
+        tx,
+        Measured {
+            reading: 1.5,
+            more: vec![2.0]
+        }
+    )
+    .unwrap();
+    refused(
+        journal!(tx, Deep { tree: Nest(8_000) }),
+        &["free_event", "more than 100 levels"],
+    );
+    journal!(tx, Deep { tree: Nest(99) }).unwrap();
+    assert_eq!(tx.staged_len(), 4);
+    tx.commit().await.unwrap();
+    let stored = events(&journaled).await;
+    assert_eq!(stored[2]["reading"], json!(1.5));
+}
+
+on_both_backends!(unrepresentable_input_is_refused_at_journal);
+
+/// Schemas can be compiled before any transaction needs them: after `preload_schemas`, a
+/// journal! uses the compiled schema and never reads or compiles a file (changing the file
+/// changes nothing); a broken file is reported by name.
+#[tokio::test]
+async fn schemas_can_be_compiled_ahead_of_time() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("preload-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("test_event.json"),
+        r#"{"type": "object", "required": ["name"]}"#,
+    )
+    .unwrap();
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    db.migrated().await;
+    let journaled =
+        db.journaled(test_config().with_schema_roots([dir.clone(), common::schema_root()]));
+    let ready = journaled.preload_schemas().await.unwrap();
+    assert!(ready >= 6, "{ready}");
+    // Compiled already: a stricter file now is not read by journal!.
+    std::fs::write(
+        dir.join("test_event.json"),
+        r#"{"type": "object", "required": ["never_there"]}"#,
+    )
+    .unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("preloaded")).unwrap();
+    tx.commit().await.unwrap();
+
+    std::fs::write(dir.join("broken_event.json"), "{ not json").unwrap();
+    let fresh = db.journaled(test_config().with_schema_roots([dir.clone()]));
+    let err = fresh.preload_schemas().await.unwrap_err().to_string();
+    assert!(err.contains("broken_event.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -5,6 +5,11 @@
 //! every stream is read back and checked, as sets of event ids: delivered ⊇ committed,
 //! delivered ∩ rolled back = ∅, every delivered record's bytes equal the stored bytes.
 //!
+//! Two longer phases test the rule that failures which are not a job's fault never make it
+//! dead (workers run with max attempts 3): Kinesis refusing connections for 6 s, far longer
+//! than three backoff rounds; and STS refusing the workers' assume-role for 6 s, while every
+//! worker is replaced so that each must get credentials anew.
+//!
 //! `cargo test --test reliability` runs it for 45 s; `JOURNALED_SOAK_SECS=600` soaks.
 //! `JOURNALED_RELIABILITY_PG_RESTART=0` skips restarting PostgreSQL (needs `pg_ctlcluster`).
 
@@ -18,12 +23,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use common::kinesis::{Emulator, FaultProxy};
+use common::kinesis::{Emulator, FakeSts, FaultProxy};
 use journaled::{Event, Journaled, journal};
 use serde::Serialize;
 use serde_json::Value;
 
 const STREAMS: [&str; 2] = ["rel_a", "rel_b"];
+/// Short on purpose: the outage and credentials phases last many times this many rounds.
+const MAX_ATTEMPTS: i32 = 3;
+/// How long the outage and the credentials failure last.
+const PHASE: Duration = Duration::from_secs(6);
 const MISSING_STREAM: &str = "rel_missing";
 
 #[derive(Serialize)]
@@ -62,6 +71,12 @@ struct Keyed {
 }
 
 #[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Measured {
+    reading: f64,
+}
+
+#[derive(Serialize, journaled::Event)]
 struct NoSchemaAnywhere {
     n: i32,
 }
@@ -79,12 +94,18 @@ struct Ledger {
     bad_inputs_refused: u64,
 }
 
-fn worker_process(db_url: &str, endpoint: &str) -> Child {
+/// A worker process that assumes a role through `sts` for its Kinesis credentials.
+fn worker_process(db_url: &str, endpoint: &str, sts: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_journaled"))
         .arg("worker")
         .env("DATABASE_URL", db_url)
         .env("JOURNALED_STREAM_NAME", STREAMS[0])
         .env("AWS_ENDPOINT_URL_KINESIS", endpoint)
+        .env("AWS_ENDPOINT_URL_STS", sts)
+        .env(
+            "JOURNALED_IAM_ROLE_ARN",
+            "arn:aws:iam::123456789012:role/journaled-test",
+        )
         .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
         .env("AWS_SECRET_ACCESS_KEY", "secret")
         .env("AWS_REGION", "us-east-1")
@@ -92,7 +113,7 @@ fn worker_process(db_url: &str, endpoint: &str) -> Child {
         .env("JOURNALED_WORKER_CONCURRENCY", "2")
         .env("JOURNALED_WORKER_POLL_INTERVAL_MS", "100")
         .env("JOURNALED_WORKER_LEASE_SECS", "4")
-        .env("JOURNALED_WORKER_MAX_ATTEMPTS", "100000")
+        .env("JOURNALED_WORKER_MAX_ATTEMPTS", MAX_ATTEMPTS.to_string())
         .env("JOURNALED_WORKER_BACKOFF_BASE_MS", "20")
         .env("JOURNALED_WORKER_BACKOFF_MAX_SECS", "0.5")
         .env("JOURNALED_WORKER_CONFIGURATION_BACKOFF_SECS", "0.5")
@@ -144,6 +165,23 @@ fn restart_postgres() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Notes the most failed rounds any pending job went through in a phase.
+async fn record_attempts(
+    db: &TestDb<sqlx::Postgres>,
+    phase: &'static str,
+    most: &mut BTreeMap<&'static str, i32>,
+) {
+    let attempts: Option<i32> = sqlx::query_scalar(
+        "SELECT max(attempts) FROM journaled.jobs \
+             WHERE dead_at IS NULL AND records NOT LIKE '%\"stream\":\"rel_missing\"%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap_or(None);
+    let entry = most.entry(phase).or_default();
+    *entry = (*entry).max(attempts.unwrap_or(0));
 }
 
 /// One writer: transactions until `stop`, recording what it committed, rolled back, or lost
@@ -303,6 +341,21 @@ async fn bad_inputs(journaled: &Journaled<sqlx::Postgres>, db: &TestDb<sqlx::Pos
         "257 characters",
     );
     expect(
+        journal!(
+            tx,
+            Keyed {
+                key: "😀".repeat(129)
+            }
+        ),
+        "129 emoji: 258 UTF-16 units",
+        "258 UTF-16 code units",
+    );
+    expect(
+        journal!(tx, Measured { reading: f64::NAN }),
+        "NaN",
+        "NaN or infinite number at /reading",
+    );
+    expect(
         journal!(tx, NoSchemaAnywhere { n: 1 }),
         "missing schema",
         "no schema for event `no_schema_anywhere`",
@@ -396,8 +449,9 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         });
     }
 
+    let sts = FakeSts::start(false).await;
     let mut workers: Vec<Child> = (0..3)
-        .map(|_| worker_process(&db.url(), &proxy.endpoint()))
+        .map(|_| worker_process(&db.url(), &proxy.endpoint(), &sts.endpoint()))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..6)
@@ -417,15 +471,49 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
     let pg_restarts = pg_restart_available();
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     let deadline = Instant::now() + Duration::from_secs(seconds);
+    // The long phases, in turn: a third of the way in and two thirds (every 2 minutes in a soak).
+    let period = Duration::from_secs((seconds / 3).clamp(1, 120));
+    let mut next_phase = Instant::now() + period;
+    let mut phases = 0u32;
+    let mut most_attempts: BTreeMap<&str, i32> = BTreeMap::new();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(rng.u64(700..2000))).await;
         let f = &proxy.faults;
+        if Instant::now() >= next_phase && Instant::now() + PHASE < deadline {
+            next_phase += period;
+            phases += 1;
+            let kind = if phases % 2 == 1 {
+                // Kinesis down for far longer than MAX_ATTEMPTS backoff rounds: new
+                // connections refused, and the emulator gone behind pooled ones.
+                f.down.store(true, Ordering::SeqCst);
+                emulator.stop();
+                tokio::time::sleep(PHASE).await;
+                record_attempts(&db, "outage", &mut most_attempts).await;
+                emulator.start_again().await;
+                f.down.store(false, Ordering::SeqCst);
+                "long outage (6 s, Kinesis down)"
+            } else {
+                // A broken role: STS refuses, and every worker must assume it anew.
+                sts.refuse.store(true, Ordering::SeqCst);
+                for w in &mut workers {
+                    w.kill().unwrap();
+                    w.wait().unwrap();
+                    *w = worker_process(&db.url(), &proxy.endpoint(), &sts.endpoint());
+                }
+                tokio::time::sleep(PHASE).await;
+                record_attempts(&db, "credentials", &mut most_attempts).await;
+                sts.refuse.store(false, Ordering::SeqCst);
+                "credentials failure (6 s, STS refusing assume-role; workers replaced)"
+            };
+            *faults.entry(kind).or_default() += 1;
+            continue;
+        }
         let kind = match rng.u32(..8) {
             0 => {
                 let victim = rng.usize(..workers.len());
                 workers[victim].kill().unwrap(); // SIGKILL
                 workers[victim].wait().unwrap();
-                workers[victim] = worker_process(&db.url(), &proxy.endpoint());
+                workers[victim] = worker_process(&db.url(), &proxy.endpoint(), &sts.endpoint());
                 "worker SIGKILLed and replaced"
             }
             1 => {
@@ -549,6 +637,12 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
     let jobs = journaled.jobs().await.unwrap();
     let dead: Vec<_> = jobs.iter().filter(|j| j.dead_at.is_some()).collect();
     assert_eq!(dead.len(), 1, "only the corrupt row is dead: {dead:#?}");
+    for (phase, attempts) in &most_attempts {
+        assert!(
+            *attempts > MAX_ATTEMPTS,
+            "the {phase} phase lasted only {attempts} rounds for any job"
+        );
+    }
     assert!(dead[0].last_error.as_deref().unwrap().contains("corrupt"));
     let stuck: HashSet<String> = jobs
         .iter()
@@ -567,7 +661,8 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         "reliability: {:.0} s of chaos, {} s in all; {} transactions; {} events committed, {} rolled back, {} uncertain (COMMIT interrupted; {} of them delivered); \
          {} bad inputs refused in flight + {} checked one by one + {} malformed settings refused; \
          {} records read back, {} distinct events delivered, {} duplicates; lost {}, rolled-back escaped {}, unknown {}, bytes mismatched {}; \
-         {} events for a missing stream still pending (never dead), corrupt row dead; faults: {:?}",
+         {} events for a missing stream still pending (never dead), corrupt row dead, dead otherwise {}; \
+         most failed rounds of a pending job (max attempts {}): {:?}; faults: {:?}",
         seconds as f64,
         started.elapsed().as_secs(),
         ledger.transactions,
@@ -586,6 +681,9 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         unknown.len(),
         mismatched,
         missing_pending,
+        dead.len() - 1,
+        MAX_ATTEMPTS,
+        most_attempts,
         faults
     );
     println!("{report}");

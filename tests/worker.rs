@@ -84,7 +84,15 @@ async fn spawn_worker<DB: Backend>(
     endpoint: &str,
     config: WorkerConfig,
 ) -> Running {
-    let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
+    spawn_worker_with(pool, kinesis_config(endpoint), config).await
+}
+
+async fn spawn_worker_with<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    kinesis: journaled::kinesis::KinesisConfig,
+    config: WorkerConfig,
+) -> Running {
+    let sink = KinesisSink::new(kinesis.client().await);
     let worker = Worker::new(pool.clone(), sink, config).unwrap();
     let stats = worker.stats();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -420,7 +428,21 @@ async fn server_errors_slow_responses_and_resets_are_retried<DB: Backend + AppSq
     assert!(journaled.jobs().await.unwrap().is_empty());
 }
 
-/// The emulator unreachable for a while: the worker keeps retrying and delivers once it is back.
+/// Waits until every job failed at least `rounds` times, and checks that none is dead.
+async fn wait_for_rounds<DB: Backend>(journaled: &Journaled<DB>, rounds: i32) {
+    wait_until(60, &format!("every job failed {rounds} times"), || async {
+        let jobs = journaled.jobs().await.unwrap();
+        assert!(
+            jobs.iter().all(|j| j.dead_at.is_none()),
+            "a job is dead: {jobs:#?}"
+        );
+        jobs.iter().all(|j| j.attempts >= rounds)
+    })
+    .await;
+}
+
+/// The emulator refusing connections for longer than `max attempts` backoff rounds: no job is
+/// dead, and everything is delivered once it is back. Not the job's fault, never counted.
 async fn an_unreachable_kinesis_delays_but_loses_nothing<DB: Backend + AppSql>(db: &TestDb<DB>) {
     let emulator = Emulator::start(Kind::Kinesalite).await;
     emulator.create_stream("test_stream", 1).await;
@@ -429,15 +451,92 @@ async fn an_unreachable_kinesis_delays_but_loses_nothing<DB: Backend + AppSql>(d
     let journaled = db.migrated().await;
     commit_events(&journaled, 5, 2).await;
     let expected = stored(&journaled).await;
-    let worker = spawn_worker(&db.pool, &proxy.endpoint(), test_config()).await;
-    let stats = worker.stats.clone();
-    wait_until(30, "deliveries have failed a few times", || {
-        let stats = stats.clone();
-        async move { stats.retried_jobs.load(Ordering::Relaxed) >= 10 }
+    let worker = spawn_worker(
+        &db.pool,
+        &proxy.endpoint(),
+        test_config().with_max_attempts(2),
+    )
+    .await;
+    wait_for_rounds(&journaled, 6).await;
+    assert!(proxy.faults.refused_while_down.load(Ordering::SeqCst) > 0);
+    let error = journaled.jobs().await.unwrap()[0]
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(
+        error.contains("dispatch") && error.contains("check the endpoint"),
+        "{error}"
+    );
+    proxy.faults.down.store(false, Ordering::SeqCst);
+    wait_until(60, "every job is delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
     })
     .await;
-    assert!(proxy.faults.refused_while_down.load(Ordering::SeqCst) > 0);
-    proxy.faults.down.store(false, Ordering::SeqCst);
+    let stats = worker.stop().await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
+    assert_eq!(stats.dead_jobs.load(Ordering::Relaxed), 0);
+}
+
+/// A credentials provider that fails until it is told to work.
+#[derive(Debug)]
+struct FlakyCredentials {
+    working: Arc<std::sync::atomic::AtomicBool>,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl aws_credential_types::provider::ProvideCredentials for FlakyCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        use aws_credential_types::provider::error::CredentialsError;
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        aws_credential_types::provider::future::ProvideCredentials::ready(
+            if self.working.load(Ordering::SeqCst) {
+                Ok(aws_credential_types::Credentials::new(
+                    "AKIDTEST", "secret", None, None, "flaky",
+                ))
+            } else {
+                Err(CredentialsError::not_loaded(
+                    "no credentials in the environment, no profile, no metadata endpoint",
+                ))
+            },
+        )
+    }
+}
+
+/// No credentials for longer than `max attempts` rounds (a broken IAM role, IMDS unreachable):
+/// a configuration error, said at `error` level; no job is dead, and everything is delivered
+/// once credentials work.
+async fn a_failing_credentials_provider_kills_nothing<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 3, 2).await;
+    let expected = stored(&journaled).await;
+    let working = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let provider = aws_sdk_kinesis::config::SharedCredentialsProvider::new(FlakyCredentials {
+        working: working.clone(),
+        asked: asked.clone(),
+    });
+    let kinesis = kinesis_config(&emulator.endpoint()).with_credentials_provider(Some(provider));
+    let worker = spawn_worker_with(&db.pool, kinesis, test_config().with_max_attempts(2)).await;
+    wait_for_rounds(&journaled, 5).await;
+    assert!(
+        asked.load(Ordering::SeqCst) >= 5,
+        "the provider is asked again each round"
+    );
+    for job in journaled.jobs().await.unwrap() {
+        let error = job.last_error.unwrap();
+        assert!(
+            error.contains("credentials") && error.contains("AWS_ACCESS_KEY_ID"),
+            "the error says what is wrong and how to fix it: {error}"
+        );
+    }
+    working.store(true, Ordering::SeqCst);
     wait_until(60, "every job is delivered", || async {
         journaled.jobs().await.unwrap().is_empty()
     })
@@ -648,8 +747,32 @@ async fn claims_are_bounded_by_bytes_and_skip_jobs_not_due<DB: Backend + AppSql>
     );
 }
 
+/// An event delayed by an hour is not behind: the oldest pending age counts from when an event
+/// falls due, and events not due yet are counted as delayed (the README's "falling behind"
+/// alert must not fire for them).
+async fn the_oldest_pending_age_ignores_delayed_events<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, Later { n: 1 }).unwrap();
+    tx.commit().await.unwrap();
+    // Committed an hour ago with its delay still ahead (a clock cannot be moved in a test).
+    DB::exec(&mut *db.pool.acquire().await.unwrap(), DB::BACKDATE_AN_HOUR).await;
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    assert_eq!(
+        (status.pending_jobs, status.delayed_jobs, status.due_jobs),
+        (1, 1, 0)
+    );
+    assert_eq!(status.oldest_pending_age_secs, None, "{status:?}");
+    commit_events(&journaled, 1, 1).await;
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    let age = status.oldest_pending_age_secs.unwrap();
+    assert!((0.0..60.0).contains(&age), "{status:?}");
+    assert_eq!((status.pending_jobs, status.delayed_jobs), (2, 1));
+}
+
 on_both_backends!(
     receipts_are_pruned_by_age_only,
+    the_oldest_pending_age_ignores_delayed_events,
     a_chunked_transaction_is_delivered_whole,
     claims_are_bounded_by_bytes_and_skip_jobs_not_due,
     committed_events_arrive_with_their_stored_bytes,
@@ -658,6 +781,7 @@ on_both_backends!(
     throttled_records_are_retried,
     server_errors_slow_responses_and_resets_are_retried,
     an_unreachable_kinesis_delays_but_loses_nothing,
+    a_failing_credentials_provider_kills_nothing,
     a_rejected_record_kills_only_its_job,
     a_corrupt_job_is_dead_and_the_rest_flow,
     a_missing_stream_is_retried_until_it_exists,
@@ -810,6 +934,47 @@ async fn shutdown_gives_unfinished_jobs_back() {
         (status.leased_jobs, status.due_jobs, status.pending_events),
         (0, 3, 6)
     );
+}
+
+/// A job too big to publish before the delivery deadline makes progress every round: the
+/// cut-off is rescheduled at once, with no attempt counted and no backoff, however many rounds
+/// it takes (max attempts 1, a first backoff of 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_job_cut_off_by_the_deadline_is_neither_counted_nor_delayed() {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    *proxy.faults.slow_for.lock().unwrap() = Duration::from_millis(300);
+    proxy.faults.slow.store(100_000, Ordering::SeqCst);
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    commit_events(&journaled, 1, 200).await;
+    assert_eq!(journaled.jobs().await.unwrap().len(), 1);
+    let expected = stored(&journaled).await;
+    // 40 requests of 5 records, 8 at a time, 300 ms each: about 16 fit in a round (0.8 s).
+    let config = test_config()
+        .with_lease(Duration::from_secs(1))
+        .with_max_records_per_request(5)
+        .with_max_attempts(1)
+        .with_backoff_base(Duration::from_secs(30))
+        .with_backoff_max(Duration::from_secs(60));
+    let started = std::time::Instant::now();
+    let worker = spawn_worker(&db.pool, &proxy.endpoint(), config).await;
+    let stats = worker.stats.clone();
+    wait_until(20, "the big job is delivered", || async {
+        let jobs = journaled.jobs().await.unwrap();
+        assert!(jobs.iter().all(|j| j.dead_at.is_none()), "{jobs:#?}");
+        assert!(jobs.iter().all(|j| j.attempts == 0), "no attempt counted");
+        jobs.is_empty()
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stats.retried_jobs.load(Ordering::Relaxed) >= 1,
+        "it took more than one round"
+    );
+    worker.stop().await;
+    assert_exactly_delivered(&expected, &delivered(&emulator, "test_stream").await);
 }
 
 async fn scrape(port: u16) -> String {

@@ -7,6 +7,15 @@ use crate::Error;
 /// The longest lease, backoff or timeout a setting may ask for.
 const MAX_SETTING: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The shortest lease: a shorter one expires while a request is in flight, and another worker
+/// publishes the same records again and again.
+pub const MIN_LEASE: Duration = Duration::from_secs(1);
+
+/// The default shutdown timeout: well within Kubernetes' default grace period (30 s between
+/// SIGTERM and SIGKILL), so that a worker whose deliveries did not finish still has time to
+/// give their jobs back before it is killed.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Worker settings. Every one has a `journaled worker` flag and an environment variable.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -20,7 +29,8 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// How often to look for due jobs when nothing wakes the worker (default 500 ms).
     pub poll_interval: Duration,
-    /// How long a claim lasts; a crashed worker's jobs are taken over after it (default 300 s).
+    /// How long a claim lasts; a crashed worker's jobs are taken over after it (default 300 s,
+    /// at least 1 s).
     pub lease: Duration,
     /// Failed attempts (transient errors) before a job is dead (default 25).
     pub max_attempts: i32,
@@ -34,7 +44,9 @@ pub struct WorkerConfig {
     pub max_records_per_request: usize,
     /// Bytes (data plus partition keys) per `PutRecords` request (default 5 MiB).
     pub max_request_bytes: usize,
-    /// How long a stopping worker waits for deliveries in flight before giving their jobs back (default 30 s).
+    /// How long a stopping worker waits for deliveries in flight before giving their jobs back
+    /// (default 20 s: shorter than Kubernetes' 30 s grace period, so the jobs are given back
+    /// before SIGKILL; keep it below your own grace period).
     pub shutdown_timeout: Duration,
     /// Exit once nothing is due and nothing is in flight.
     pub drain: bool,
@@ -59,7 +71,7 @@ impl Default for WorkerConfig {
             configuration_backoff: Duration::from_secs(60),
             max_records_per_request: 500,
             max_request_bytes: 5 * 1024 * 1024,
-            shutdown_timeout: Duration::from_secs(30),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             drain: false,
             metrics_addr: None,
             receipts_retention: Duration::from_secs(7 * 24 * 3600),
@@ -179,8 +191,23 @@ impl WorkerConfig {
         if self.max_attempts < 1 {
             return bad("max attempts must be at least 1");
         }
-        if self.lease.is_zero() {
-            return bad("the lease must be longer than zero");
+        if self.lease < MIN_LEASE {
+            return Err(Error::Config(format!(
+                "the lease must be at least {MIN_LEASE:?}, got {:?}: a shorter one expires while a request is in flight and the records are published again and again",
+                self.lease
+            )));
+        }
+        for (name, value) in [
+            ("poll interval", self.poll_interval),
+            ("backoff base", self.backoff_base),
+            ("backoff max", self.backoff_max),
+            ("configuration backoff", self.configuration_backoff),
+        ] {
+            if value.is_zero() {
+                return Err(Error::Config(format!(
+                    "the {name} must be longer than zero: a zero one retries or polls in a busy loop"
+                )));
+            }
         }
         for (name, value) in [
             ("lease", self.lease),
@@ -197,5 +224,54 @@ impl WorkerConfig {
             return bad("the backoff base must not exceed the backoff max");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_settings_are_refused() {
+        assert!(WorkerConfig::default().validate().is_ok());
+        let refused = |config: WorkerConfig, words: &str| {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(words), "{err}");
+        };
+        refused(
+            WorkerConfig::default().with_poll_interval(Duration::ZERO),
+            "poll interval",
+        );
+        refused(
+            WorkerConfig::default().with_backoff_base(Duration::ZERO),
+            "backoff base",
+        );
+        refused(
+            WorkerConfig::default()
+                .with_backoff_base(Duration::ZERO)
+                .with_backoff_max(Duration::ZERO),
+            "backoff",
+        );
+        refused(
+            WorkerConfig::default().with_configuration_backoff(Duration::ZERO),
+            "configuration backoff",
+        );
+        refused(
+            WorkerConfig::default().with_lease(Duration::from_millis(1)),
+            "lease must be at least 1s",
+        );
+        assert!(
+            WorkerConfig::default()
+                .with_lease(Duration::from_secs(1))
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_default_shutdown_timeout_leaves_time_before_kubernetes_kills() {
+        // Kubernetes sends SIGKILL 30 s after SIGTERM by default; the worker needs the rest to
+        // give unfinished jobs back.
+        assert!(WorkerConfig::default().shutdown_timeout <= Duration::from_secs(20));
     }
 }

@@ -1,7 +1,7 @@
 //! The worker's metrics, in the OpenMetrics/Prometheus text format, served on `--metrics-addr`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -45,6 +45,8 @@ pub struct Metrics {
     pub(crate) request_latency: Histogram,
     pub(crate) records_per_request: Histogram,
     pub(crate) bytes_per_request: Histogram,
+    /// Status queries the metrics server ran (not exported).
+    pub(crate) status_queries: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -71,6 +73,7 @@ impl Metrics {
             request_latency: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             records_per_request: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             bytes_per_request: Histogram::new(exponential_buckets(256.0, 2.0, 16)),
+            status_queries: AtomicU64::new(0),
             registry: Registry::default(),
         };
         registry.register(
@@ -151,57 +154,108 @@ impl Metrics {
     }
 }
 
+/// How long the queue's figures are reused across scrapes: at most one status query per
+/// interval, however many scrapers there are and however often they come.
+pub(crate) const STATUS_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// The queue's figures, refreshed from the database at most once per [`STATUS_MAX_AGE`];
+/// concurrent scrapes share one refresh.
+#[derive(Debug, Default)]
+struct StatusCache {
+    refreshed: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl StatusCache {
+    async fn refresh<DB: Backend>(&self, pool: &sqlx::Pool<DB>, metrics: &Metrics) {
+        let mut refreshed = self.refreshed.lock().await;
+        if refreshed.is_some_and(|at| at.elapsed() < STATUS_MAX_AGE) {
+            return;
+        }
+        metrics.status_queries.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(Duration::from_secs(5), DB::status(pool)).await {
+            Ok(Ok(status)) => metrics.set_status(&status),
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics: cannot read the queue's figures"),
+            Err(_) => tracing::warn!("metrics: reading the queue's figures timed out"),
+        }
+        // A failed refresh is not retried before the interval either: a struggling database
+        // is not asked again by every scrape.
+        *refreshed = Some(std::time::Instant::now());
+    }
+}
+
+/// Calls `accept` for ever, handing each connection to `handle`. A failing accept (too many
+/// open files, …) is logged and retried after a pause that doubles up to 1 s, never in a
+/// busy loop.
+pub(crate) async fn accept_loop<S, A, F>(mut accept: A, mut handle: impl FnMut(S))
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<S>>,
+{
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match accept().await {
+            Ok(stream) => {
+                pause = FIRST_PAUSE;
+                handle(stream);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?pause, "metrics: accepting a connection failed; pausing");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 /// Serves `GET /metrics` on `addr` until the task is aborted; the queue gauges are read from
-/// the database at each scrape.
+/// the database at most once per [`STATUS_MAX_AGE`].
 pub(crate) async fn serve<DB: Backend>(
     listener: tokio::net::TcpListener,
     pool: sqlx::Pool<DB>,
     metrics: std::sync::Arc<Metrics>,
 ) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let pool = pool.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut head = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
+    let cache = std::sync::Arc::new(StatusCache::default());
+    accept_loop(
+        || async { listener.accept().await.map(|(stream, _)| stream) },
+        |mut stream: tokio::net::TcpStream| {
+            let pool = pool.clone();
+            let metrics = metrics.clone();
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::with_capacity(1024);
+                let mut buf = [0u8; 1024];
+                let read = tokio::time::timeout(Duration::from_secs(5), async {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
                     }
+                })
+                .await;
+                if read.is_err() {
+                    return;
                 }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let line = String::from_utf8_lossy(&head);
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let response = if path == "/metrics" || path.starts_with("/metrics?") {
-                match tokio::time::timeout(Duration::from_secs(5), DB::status(&pool)).await {
-                    Ok(Ok(status)) => metrics.set_status(&status),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "metrics: cannot read the queue's figures")
-                    }
-                    Err(_) => tracing::warn!("metrics: reading the queue's figures timed out"),
-                }
-                let body = metrics.encode();
-                format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    .to_owned()
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
+                let line = String::from_utf8_lossy(&head);
+                let path = line.split_whitespace().nth(1).unwrap_or("/");
+                let response = if path == "/metrics" || path.starts_with("/metrics?") {
+                    cache.refresh(&pool, &metrics).await;
+                    let body = metrics.encode();
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned()
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        },
+    )
+    .await
 }
 
 /// Binds the metrics listener, with an error that names the address.
@@ -209,4 +263,57 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, cr
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| crate::Error::Config(format!("cannot serve metrics on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn failing_accepts_pause_instead_of_spinning() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let looping = accept_loop(
+            move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(Err::<(), _>(std::io::Error::other("too many open files")))
+            },
+            |()| {},
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(500), looping).await;
+        let calls = calls.load(Ordering::Relaxed);
+        assert!((2..=12).contains(&calls), "{calls} accepts in 0.5 s");
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn scrapes_share_one_status_query_per_interval() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        crate::migrate(&pool).await.unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(serve(listener, pool, metrics.clone()));
+        for _ in 0..20 {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            assert!(response.contains("journaled_jobs_pending"), "{response}");
+        }
+        server.abort();
+        assert_eq!(metrics.status_queries.load(Ordering::Relaxed), 1);
+    }
 }

@@ -1,12 +1,13 @@
 //! The delivery worker: claim due jobs with a lease, publish them, delete what was delivered,
 //! and retry the rest with backoff. No row lock or transaction is held across a network call.
 
+mod alarm;
 mod config;
 pub mod metrics;
 mod publish;
 mod sink;
 
-pub use config::WorkerConfig;
+pub use config::{DEFAULT_SHUTDOWN_TIMEOUT, MIN_LEASE, WorkerConfig};
 
 pub use sink::{Ack, ErrorClass, Failure, NoopSink, OutRecord, RecordOutcome, Sink};
 
@@ -85,6 +86,7 @@ struct Shared<DB: Backend> {
     stats: Arc<WorkerStats>,
     metrics: Arc<metrics::Metrics>,
     in_flight: Mutex<HashSet<String>>,
+    alarm: alarm::Alarm,
 }
 
 impl<DB: Backend> Worker<DB> {
@@ -144,6 +146,7 @@ impl<DB: Backend> Worker<DB> {
         let shared = Arc::new(Shared {
             pool,
             sink,
+            alarm: alarm::Alarm::new(config.configuration_backoff),
             config,
             stats,
             metrics,
@@ -217,7 +220,22 @@ impl<DB: Backend> Worker<DB> {
                 drop(permit);
                 if config.drain {
                     if units.is_empty() {
-                        break;
+                        match drain_check(&shared).await {
+                            DrainCheck::Done => break,
+                            DrainCheck::GiveUp(e) => {
+                                tracing::error!(error = %e, "giving up the drain");
+                                outcome = Err(e);
+                                break;
+                            }
+                            DrainCheck::Wait => {
+                                tokio::select! {
+                                    biased;
+                                    () = &mut shutdown => break,
+                                    () = tokio::time::sleep(config.poll_interval) => {}
+                                }
+                                continue;
+                            }
+                        }
                     }
                     tokio::select! {
                         biased;
@@ -278,6 +296,44 @@ impl<DB: Backend> Worker<DB> {
         }
         tracing::info!(worker = %id, "worker stopped");
         outcome
+    }
+}
+
+enum DrainCheck {
+    /// Nothing that fell due is left (delayed jobs wait for their time; dead jobs stay dead).
+    Done,
+    /// Jobs wait for a retry, a lease, or their backoff: keep going.
+    Wait,
+    /// Jobs are held back by what a drain cannot outwait.
+    GiveUp(Error),
+}
+
+/// Nothing is claimable and nothing is in flight: is the drain over? Not while jobs that fell
+/// due wait for a retry — unless what holds them back will not go away by itself: a
+/// configuration error, or the service unavailable for longer than the configuration backoff.
+async fn drain_check<DB: Backend>(shared: &Shared<DB>) -> DrainCheck {
+    let status = match DB::status(&shared.pool).await {
+        Ok(status) => status,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the queue failed; draining on");
+            return DrainCheck::Wait;
+        }
+    };
+    let held = status.pending_jobs - status.delayed_jobs;
+    if held <= 0 {
+        return DrainCheck::Done;
+    }
+    match shared.alarm.holding_back() {
+        Some((failure, lasted))
+            if failure.class == ErrorClass::Configuration
+                || lasted >= shared.config.configuration_backoff =>
+        {
+            DrainCheck::GiveUp(Error::Undelivered {
+                jobs: held,
+                reason: failure.to_string(),
+            })
+        }
+        _ => DrainCheck::Wait,
     }
 }
 
@@ -401,6 +457,32 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
     let metrics = &shared.metrics;
     let now = OffsetDateTime::now_utc();
     let mut done: Vec<JobId> = Vec::new();
+    let acknowledged = jobs
+        .iter()
+        .any(|job| job.records.is_ok() && job.outcomes.iter().any(Option::is_none));
+    if acknowledged {
+        shared.alarm.clear();
+    }
+    // Failures that are not a job's fault, said once per interval for all the jobs they hold.
+    let held: Vec<&Failure> = jobs
+        .iter()
+        .flat_map(|job| job.outcomes.iter().flatten())
+        .filter(|f| {
+            matches!(f.class, ErrorClass::Configuration | ErrorClass::Unavailable)
+                && f.code != publish::NOT_ATTEMPTED
+        })
+        .collect();
+    if let Some(first) = held
+        .iter()
+        .find(|f| f.class == ErrorClass::Configuration)
+        .or(held.first())
+    {
+        let waiting = jobs
+            .iter()
+            .filter(|job| job.outcomes.iter().flatten().any(|f| f.code == first.code))
+            .count();
+        shared.alarm.raise(first, waiting);
+    }
     for job in jobs {
         let delivered = job.outcomes.iter().filter(|o| o.is_none()).count() as u64;
         let failed = job.outcomes.len() as u64 - delivered;
@@ -420,17 +502,14 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
         }
         stats.failed_records.fetch_add(failed, Ordering::Relaxed);
         let update = publish::reschedule(job, &shared.config);
-        let configuration = job
-            .outcomes
-            .iter()
-            .flatten()
-            .any(|f| f.class == ErrorClass::Configuration);
+        let counted = update.transient_failures > job.claimed.transient_failures;
         if update.dead {
             tracing::error!(job_id = update.id.0, error = %update.last_error, "job is dead: `journaled retry` brings it back");
-        } else if configuration {
-            tracing::error!(job_id = update.id.0, error = %update.last_error, "configuration error: check the stream, its KMS key and the credentials; retrying later");
+        } else if counted {
+            tracing::warn!(job_id = update.id.0, attempts = update.transient_failures, max_attempts = shared.config.max_attempts, error = %update.last_error, "delivery failed; retrying later");
         } else {
-            tracing::warn!(job_id = update.id.0, attempts = update.attempts, error = %update.last_error, "delivery failed; retrying later");
+            // Throttling, a deadline cut-off, or what the alarm above reports.
+            tracing::debug!(job_id = update.id.0, error = %update.last_error, "not delivered yet; retrying later (not counted toward max attempts)");
         }
         match DB::reschedule(&shared.pool, owner, &update).await {
             Ok(true) if update.dead => {

@@ -41,13 +41,20 @@ impl JobState {
     }
 }
 
+/// The code of a record whose request did not complete before the delivery deadline.
+pub(crate) const NOT_ATTEMPTED: &str = "not_attempted";
+
 /// The outcome of a record whose request never completed.
 pub(crate) fn not_attempted() -> Failure {
     Failure {
-        class: ErrorClass::Transient,
-        code: "not_attempted".into(),
+        class: ErrorClass::Unavailable,
+        code: NOT_ATTEMPTED.into(),
         message: "the request did not complete before the delivery deadline".into(),
     }
+}
+
+fn cut_off(failure: &Failure) -> bool {
+    failure.code == NOT_ATTEMPTED
 }
 
 /// Groups every record by stream and cuts each stream's records into requests of at most
@@ -202,8 +209,13 @@ fn describe(record: &StoredRecord, failure: &Failure, failed: usize, total: usiz
 ///
 /// - Records refused for good are dead: alone, the job is dead; beside retryable records, they
 ///   are split off into a dead job of their own and the rest is retried.
-/// - Only transient failures count toward `max_attempts`; throttling and configuration errors
-///   never make a job dead.
+/// - Only [`ErrorClass::Transient`] failures — the service said this record failed — count
+///   toward `max_attempts`. Throttling, configuration errors (credentials, access, stream
+///   missing) and unavailability (no answer, a whole request failed) never make a job dead,
+///   however long they last.
+/// - Records the delivery deadline cut off were never answered: when they are all that is
+///   left, the job is due again at once and no attempt is counted.
+/// - The records column is rewritten only when some records were delivered or split off.
 pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     let attempts = job.claimed.attempts.saturating_add(1);
     let records = match &job.records {
@@ -245,7 +257,7 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     if retryable.is_empty() {
         return Reschedule {
             id: job.claimed.id,
-            records: Some(encode(&permanent)),
+            records: (permanent.len() != total).then(|| encode(&permanent)),
             attempts,
             transient_failures: job.claimed.transient_failures,
             delay: Duration::ZERO,
@@ -254,7 +266,36 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
             split_dead: None,
         };
     }
-    let find = |class: ErrorClass| retryable.iter().find(|(_, f)| f.class == class);
+    let split_dead = permanent_error.map(|last_error| {
+        let (records, event_count) = encode(&permanent);
+        DeadSplit {
+            records,
+            event_count,
+            last_error,
+        }
+    });
+    // Nothing to rewrite when every record is still to deliver.
+    let remaining = (retryable.len() != total).then(|| encode(&retryable));
+    if retryable.iter().all(|(_, f)| cut_off(f)) {
+        return Reschedule {
+            id: job.claimed.id,
+            records: remaining,
+            attempts: job.claimed.attempts,
+            transient_failures: job.claimed.transient_failures,
+            delay: Duration::ZERO,
+            last_error: format!(
+                "the delivery deadline cut publishing off with {} of {total} records unanswered; due again at once",
+                retryable.len()
+            ),
+            dead: false,
+            split_dead,
+        };
+    }
+    let find = |class: ErrorClass| {
+        retryable
+            .iter()
+            .find(|(_, f)| f.class == class && !cut_off(f))
+    };
     let transient = find(ErrorClass::Transient);
     let transient_failures = job
         .claimed
@@ -266,7 +307,10 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
             .mul_f64(0.75 + fastrand::f64() * 0.5);
         (delay, *found)
     } else {
-        let found = transient.unwrap_or(&retryable[0]);
+        let found = transient
+            .or_else(|| find(ErrorClass::Unavailable))
+            .or_else(|| find(ErrorClass::Throttled))
+            .unwrap_or(&retryable[0]);
         (
             backoff(attempts, config.backoff_base, config.backoff_max),
             *found,
@@ -274,20 +318,14 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Reschedule {
     };
     Reschedule {
         id: job.claimed.id,
-        records: Some(encode(&retryable)),
+        records: remaining,
         attempts,
         transient_failures,
         delay,
         last_error: describe(record, failure, retryable.len(), total),
-        dead: transient_failures >= config.max_attempts,
-        split_dead: permanent_error.map(|last_error| {
-            let (records, event_count) = encode(&permanent);
-            DeadSplit {
-                records,
-                event_count,
-                last_error,
-            }
-        }),
+        // Only a failure counted now can make it dead.
+        dead: transient.is_some() && transient_failures >= config.max_attempts,
+        split_dead,
     }
 }
 
@@ -379,6 +417,7 @@ mod tests {
             (ErrorClass::Transient, true),
             (ErrorClass::Throttled, false),
             (ErrorClass::Configuration, false),
+            (ErrorClass::Unavailable, false),
             (ErrorClass::Permanent, true),
         ] {
             let mut state = job(2, &[("a", 1), ("a", 1)]);
@@ -414,6 +453,57 @@ mod tests {
         state.outcomes[0] = failure(ErrorClass::Transient);
         let r = reschedule(&state, &config);
         assert_eq!((r.attempts, r.transient_failures, r.dead), (25, 1, false));
+    }
+
+    #[test]
+    fn failures_that_are_not_the_jobs_fault_never_kill_it() {
+        let config = WorkerConfig {
+            max_attempts: 2,
+            ..WorkerConfig::default()
+        };
+        for class in [ErrorClass::Unavailable, ErrorClass::Configuration] {
+            let mut state = job(1000, &[("a", 1), ("a", 1)]);
+            state.outcomes.fill(failure(class));
+            let r = reschedule(&state, &config);
+            assert!(!r.dead, "{class:?}");
+            assert_eq!(r.transient_failures, 1000, "{class:?}: not counted");
+            assert_eq!(r.attempts, 1001, "{class:?}: drives the backoff");
+            assert!(r.records.is_none(), "nothing delivered: nothing rewritten");
+            assert!(r.delay > Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn a_deadline_cut_off_is_due_at_once_and_not_counted() {
+        let config = WorkerConfig {
+            max_attempts: 1,
+            ..WorkerConfig::default()
+        };
+        // Progress: the first record was acknowledged, the rest was cut off.
+        let mut state = job(3, &[("a", 1), ("a", 1), ("a", 1)]);
+        state.outcomes[1] = Some(not_attempted());
+        state.outcomes[2] = Some(not_attempted());
+        let r = reschedule(&state, &config);
+        assert!(!r.dead);
+        assert_eq!((r.attempts, r.transient_failures), (3, 3));
+        assert_eq!(r.delay, Duration::ZERO);
+        assert_eq!(
+            r.records.as_ref().unwrap().1,
+            2,
+            "the delivered record is dropped"
+        );
+        // No progress: nothing is rewritten.
+        let mut state = job(0, &[("a", 1), ("a", 1)]);
+        state.outcomes.fill(Some(not_attempted()));
+        let r = reschedule(&state, &config);
+        assert!(!r.dead && r.records.is_none() && r.delay.is_zero());
+        assert_eq!((r.attempts, r.transient_failures), (0, 0));
+        // A real failure beside a cut-off is one: the job is retried after a backoff.
+        let mut state = job(0, &[("a", 1), ("a", 1)]);
+        state.outcomes[0] = Some(not_attempted());
+        state.outcomes[1] = failure(ErrorClass::Transient);
+        let r = reschedule(&state, &config);
+        assert!(r.dead, "max attempts 1: the transient failure counts");
     }
 
     #[test]

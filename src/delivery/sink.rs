@@ -9,10 +9,16 @@ use crate::store::BoxFuture;
 pub enum ErrorClass {
     /// Throughput exceeded (Kinesis or KMS): retry later; never makes a job dead.
     Throttled,
-    /// Internal failures, 5xx, timeouts, connection errors: retry with backoff.
+    /// The service answered that this record failed (`InternalFailure` in a `PutRecords`
+    /// result, an unexplained refusal): retry with backoff; counts toward `max_attempts`.
     Transient,
-    /// Stream not found, access denied, KMS set up wrong, bad credentials: retry with a long
-    /// backoff and log loudly; never makes a job dead.
+    /// No answer, or the service failed the whole request: connection refused, timeouts, 5xx,
+    /// an endpoint down, a regional outage. Not the job's fault: retry with backoff, log loudly
+    /// once per interval; never makes a job dead, however long it lasts.
+    Unavailable,
+    /// Stream not found, access denied, KMS set up wrong, no or bad credentials, an assume-role
+    /// refused: retry with a long backoff and log loudly once per interval; never makes a job
+    /// dead.
     Configuration,
     /// The request was refused as invalid: split it to find the record at fault.
     Invalid,

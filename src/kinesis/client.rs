@@ -6,9 +6,12 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::config::SharedCredentialsProvider;
 
 /// How to reach Kinesis. [`KinesisConfig::from_env`] reads the standard AWS variables.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output never shows a secret: static credentials print as `<redacted>`.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct KinesisConfig {
     /// `AWS_REGION` / `AWS_DEFAULT_REGION`, default `us-east-1`.
@@ -28,6 +31,31 @@ pub struct KinesisConfig {
     pub sdk_max_attempts: u32,
     /// Fixed (access key id, secret) instead of the credential chain: for local emulators.
     pub static_credentials: Option<(String, String)>,
+    /// A credentials provider of your own instead of the standard chain (and of
+    /// `static_credentials`); `role_arn` is still assumed with it when set.
+    pub credentials_provider: Option<SharedCredentialsProvider>,
+}
+
+impl std::fmt::Debug for KinesisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KinesisConfig")
+            .field("region", &self.region)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("role_arn", &self.role_arn)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("sdk_max_attempts", &self.sdk_max_attempts)
+            .field(
+                "static_credentials",
+                &self.static_credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "credentials_provider",
+                &self.credentials_provider.as_ref().map(|_| "<custom>"),
+            )
+            .finish()
+    }
 }
 
 impl Default for KinesisConfig {
@@ -41,6 +69,7 @@ impl Default for KinesisConfig {
             read_timeout: Duration::from_secs(60),
             sdk_max_attempts: 2,
             static_credentials: None,
+            credentials_provider: None,
         }
     }
 }
@@ -98,6 +127,12 @@ impl KinesisConfig {
         self
     }
 
+    /// Uses a credentials provider of your own (see the field).
+    pub fn with_credentials_provider(mut self, value: Option<SharedCredentialsProvider>) -> Self {
+        self.credentials_provider = value;
+        self
+    }
+
     /// Reads region, endpoint and role from the environment; timeouts keep their defaults.
     pub fn from_env() -> Self {
         KinesisConfig {
@@ -133,11 +168,12 @@ impl KinesisConfig {
             Some(region) => loader.region(aws_config::Region::new(region.clone())),
             None => loader,
         };
-        let loader = match &self.static_credentials {
-            Some((key, secret)) => loader.credentials_provider(
+        let loader = match (&self.credentials_provider, &self.static_credentials) {
+            (Some(provider), _) => loader.credentials_provider(provider.clone()),
+            (None, Some((key, secret))) => loader.credentials_provider(
                 aws_sdk_kinesis::config::Credentials::new(key, secret, None, None, "static"),
             ),
-            None => loader,
+            (None, None) => loader,
         };
         let mut sdk = loader.load().await;
         // Endpoints from the environment belong to Kinesis only (below), never to STS.
@@ -165,5 +201,22 @@ impl KinesisConfig {
             config = config.endpoint_url(endpoint.clone());
         }
         Client::from_conf(config.build())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_static_credentials() {
+        let config = KinesisConfig::default()
+            .with_static_credentials(Some(("AKIDSECRETID".into(), "hunter2-secret".into())));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("AKIDSECRETID"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }

@@ -12,7 +12,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use tracing::Instrument;
 
-pub use classify::{classify_code, classify_sdk_error};
+pub use classify::{advice, classify_code, classify_sdk_error};
 pub use client::KinesisConfig;
 pub use reader::{ReadRecord, StartAt, StreamReader, ensure_stream, read_at, read_stream};
 
@@ -34,6 +34,18 @@ impl KinesisSink {
     /// The SDK client.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Checks that `stream` exists and that these credentials reach it
+    /// (`DescribeStreamSummary`): what `journaled worker` does at start for its default stream.
+    pub async fn check_stream(&self, stream: &str) -> Result<(), Failure> {
+        self.client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify_sdk_error(&e))
     }
 }
 
@@ -106,7 +118,10 @@ impl Sink for KinesisSink {
                             class => class,
                         },
                         code: code.to_owned(),
-                        message: result.error_message().unwrap_or_default().to_owned(),
+                        message: classify::advised(
+                            code,
+                            result.error_message().unwrap_or_default().to_owned(),
+                        ),
                     }),
                     None => Ok(Ack {
                         shard_id: result.shard_id().map(str::to_owned),
@@ -215,7 +230,9 @@ mod tests {
             ("KMSAccessDeniedException", ErrorClass::Configuration),
             ("KMSThrottlingException", ErrorClass::Throttled),
             ("ValidationException", ErrorClass::Invalid),
-            ("InternalFailure", ErrorClass::Transient),
+            // A whole request failed by the service is no record's fault.
+            ("InternalFailure", ErrorClass::Unavailable),
+            ("SomethingNew", ErrorClass::Transient),
         ] {
             let rule = mock!(Client::put_records).then_error(move || {
                 PutRecordsError::generic(
@@ -232,6 +249,24 @@ mod tests {
                 .unwrap_err();
             assert_eq!((failure.code.as_str(), failure.class), (code, class));
         }
+    }
+
+    #[tokio::test]
+    async fn a_server_error_for_the_whole_request_is_unavailable() {
+        use aws_sdk_kinesis::config::http::HttpResponse;
+        use aws_smithy_types::body::SdkBody;
+        let rule = mock!(Client::put_records).then_http_response(|| {
+            HttpResponse::new(
+                503.try_into().unwrap(),
+                SdkBody::from(r#"{"__type":"ServiceUnavailable","message":"try later"}"#),
+            )
+        });
+        let client = mock_client!(aws_sdk_kinesis, RuleMode::Sequential, [&rule]);
+        let failure = KinesisSink::new(client)
+            .put_records("s", &records())
+            .await
+            .unwrap_err();
+        assert_eq!(failure.class, ErrorClass::Unavailable, "{failure}");
     }
 
     #[tokio::test]

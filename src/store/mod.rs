@@ -279,11 +279,15 @@ pub struct Status {
     pub due_jobs: i64,
     /// Jobs a worker holds a lease on.
     pub leased_jobs: i64,
+    /// Pending jobs not due yet for the first time: delayed by the application (`run_at`,
+    /// `delay_secs`). They are not behind.
+    pub delayed_jobs: i64,
     /// Jobs given up on.
     pub dead_jobs: i64,
     /// Events in those jobs.
     pub dead_events: i64,
-    /// Seconds since the oldest pending job was committed.
+    /// Seconds since the oldest pending event became due — its commit, or the end of its
+    /// delay; events delayed into the future do not count. `None` when none is due.
     pub oldest_pending_age_secs: Option<f64>,
 }
 

@@ -35,6 +35,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         description: "delivery receipts",
         sql: include_str!("../../migrations/postgres/0004_receipts.sql"),
     },
+    Migration {
+        version: 6,
+        description: "first due time",
+        sql: include_str!("../../migrations/postgres/0006_due_at.sql"),
+    },
 ];
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
@@ -42,8 +47,8 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     // Due times are the database's: `now()` plus the delay, never the application's clock.
     if let [job] = jobs {
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records) \
-             SELECT $1, r, r <= now(), $4, $5, $6 \
+            "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
+             SELECT $1, r, r, r <= now(), $4, $5, $6 \
              FROM (SELECT coalesce($2, now() + make_interval(secs => coalesce($3, 0))) AS r) AS due \
              RETURNING id",
         )
@@ -69,8 +74,8 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     let bytes: Vec<i32> = jobs.iter().map(|j| j.bytes).collect();
     let records: Vec<&str> = jobs.iter().map(|j| j.records.as_str()).collect();
     let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records) \
-         SELECT p, r, r <= now(), c, b, d FROM ( \
+        "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
+         SELECT p, r, r, r <= now(), c, b, d FROM ( \
              SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, b, d, n \
              FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::int4[], $5::int4[], $6::text[]) \
                   WITH ORDINALITY AS t(p, a, dl, c, b, d, n)) AS due \
@@ -287,9 +292,9 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
     }
     if let Some(split) = &job.split_dead {
         sqlx::query(
-            "INSERT INTO journaled.jobs (priority, run_at, ready, attempts, transient_failures, last_error, \
+            "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, attempts, transient_failures, last_error, \
                  dead_at, created_at, event_count, bytes, records) \
-             SELECT priority, now(), false, attempts, transient_failures, $2, now(), created_at, $3, octet_length($4), $4 \
+             SELECT priority, now(), due_at, false, attempts, transient_failures, $2, now(), created_at, $3, octet_length($4), $4 \
              FROM journaled.jobs WHERE id = $1",
         )
         .bind(job.id.0)
@@ -323,9 +328,10 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NULL), 0)::int8 AS pending_events, \
            count(*) FILTER (WHERE ready OR (dead_at IS NULL AND run_at <= now())) AS due_jobs, \
            count(*) FILTER (WHERE dead_at IS NULL AND locked_until > now()) AS leased_jobs, \
+           count(*) FILTER (WHERE dead_at IS NULL AND due_at > now()) AS delayed_jobs, \
            count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0)::int8 AS dead_events, \
-           extract(epoch FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))::float8 AS oldest \
+           extract(epoch FROM now() - min(due_at) FILTER (WHERE dead_at IS NULL AND due_at <= now()))::float8 AS oldest \
          FROM journaled.jobs",
     )
     .fetch_one(pool)
@@ -336,6 +342,7 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
         pending_events: row.try_get("pending_events")?,
         due_jobs: row.try_get("due_jobs")?,
         leased_jobs: row.try_get("leased_jobs")?,
+        delayed_jobs: row.try_get("delayed_jobs")?,
         dead_jobs: row.try_get("dead_jobs")?,
         dead_events: row.try_get("dead_events")?,
         oldest_pending_age_secs: row.try_get("oldest")?,

@@ -29,6 +29,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         description: "delivery receipts",
         sql: include_str!("../../migrations/sqlite/0004_receipts.sql"),
     },
+    Migration {
+        version: 6,
+        description: "first due time",
+        sql: include_str!("../../migrations/sqlite/0006_due_at.sql"),
+    },
 ];
 
 /// The database's clock in Unix milliseconds, as SQL: every due time is computed with it,
@@ -54,17 +59,23 @@ async fn insert_jobs(conn: &mut SqliteConnection, jobs: &[NewJob]) -> Result<Vec
     let mut ids = Vec::with_capacity(jobs.len());
     for rows in jobs.chunks(INSERT_ROWS) {
         // Due time: a set time, or the database's clock plus the delay.
-        let values =
-            vec![format!("(?, coalesce(?, {NOW_MS} + ?), ?, ?, ?, ?, {NOW_MS})"); rows.len()]
-                .join(", ");
+        let values = vec![
+            format!(
+                "(?, coalesce(?, {NOW_MS} + ?), coalesce(?, {NOW_MS} + ?), ?, ?, ?, ?, {NOW_MS})"
+            );
+            rows.len()
+        ]
+        .join(", ");
         let sql = format!(
-            "INSERT INTO journaled_jobs (priority, run_at, ready, event_count, bytes, records, created_at) \
+            "INSERT INTO journaled_jobs (priority, run_at, due_at, ready, event_count, bytes, records, created_at) \
              VALUES {values} RETURNING id"
         );
         let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
         for job in rows {
             query = query
                 .bind(job.priority)
+                .bind(job.run_at.map(to_millis))
+                .bind(job.delay.map_or(0, |d| d.as_millis() as i64))
                 .bind(job.run_at.map(to_millis))
                 .bind(job.delay.map_or(0, |d| d.as_millis() as i64))
                 // Due now: ready at once. A set or delayed time waits; the worker promotes it
@@ -265,9 +276,9 @@ async fn reschedule(pool: &SqlitePool, owner: &str, job: &Reschedule) -> Result<
     }
     if let Some(split) = &job.split_dead {
         sqlx::query(
-            "INSERT INTO journaled_jobs (priority, run_at, ready, attempts, transient_failures, last_error, \
+            "INSERT INTO journaled_jobs (priority, run_at, due_at, ready, attempts, transient_failures, last_error, \
                  dead_at, created_at, event_count, bytes, records) \
-             SELECT priority, ?2, 0, attempts, transient_failures, ?3, ?2, created_at, ?4, length(CAST(?5 AS BLOB)), ?5 \
+             SELECT priority, ?2, due_at, 0, attempts, transient_failures, ?3, ?2, created_at, ?4, length(CAST(?5 AS BLOB)), ?5 \
              FROM journaled_jobs WHERE id = ?1",
         )
         .bind(job.id.0)
@@ -304,9 +315,10 @@ async fn status(pool: &SqlitePool) -> Result<Status, Error> {
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NULL), 0) AS pending_events, \
            count(*) FILTER (WHERE ready = 1 OR (dead_at IS NULL AND run_at <= ?1)) AS due_jobs, \
            count(*) FILTER (WHERE dead_at IS NULL AND locked_until > ?1) AS leased_jobs, \
+           count(*) FILTER (WHERE dead_at IS NULL AND due_at > ?1) AS delayed_jobs, \
            count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0) AS dead_events, \
-           min(created_at) FILTER (WHERE dead_at IS NULL) AS oldest \
+           min(due_at) FILTER (WHERE dead_at IS NULL AND due_at <= ?1) AS oldest \
          FROM journaled_jobs",
     )
     .bind(now)
@@ -319,6 +331,7 @@ async fn status(pool: &SqlitePool) -> Result<Status, Error> {
         pending_events: row.try_get("pending_events")?,
         due_jobs: row.try_get("due_jobs")?,
         leased_jobs: row.try_get("leased_jobs")?,
+        delayed_jobs: row.try_get("delayed_jobs")?,
         dead_jobs: row.try_get("dead_jobs")?,
         dead_events: row.try_get("dead_events")?,
         oldest_pending_age_secs: oldest.map(|ms| (now - ms) as f64 / 1000.0),

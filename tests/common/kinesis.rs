@@ -454,3 +454,108 @@ async fn throttle(
         json!({"FailedRecordCount": failed, "Records": results}),
     ))
 }
+
+/// A local STS that answers `AssumeRole`: `AccessDenied` while `refuse` is set (a role that
+/// does not exist or does not trust the caller), else temporary credentials valid for an hour.
+/// Point a worker at it with `AWS_ENDPOINT_URL_STS` and `JOURNALED_IAM_ROLE_ARN`.
+pub struct FakeSts {
+    pub port: u16,
+    pub refuse: Arc<AtomicBool>,
+    pub refused: Arc<AtomicUsize>,
+    pub granted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeSts {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeSts {
+    pub async fn start(refuse: bool) -> FakeSts {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let refuse = Arc::new(AtomicBool::new(refuse));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let granted = Arc::new(AtomicUsize::new(0));
+        let (r, n, g) = (refuse.clone(), refused.clone(), granted.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (r, n, g) = (r.clone(), n.clone(), g.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (r, n, g) = (r.clone(), n.clone(), g.clone());
+                        async move {
+                            let body = req.into_body().collect().await.map_err(|_| Reset)?;
+                            let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+                            Ok::<_, Reset>(sts_answer(&body, &r, &n, &g))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeSts {
+            port,
+            refuse,
+            refused,
+            granted,
+            task,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn sts_answer(
+    body: &str,
+    refuse: &AtomicBool,
+    refused: &AtomicUsize,
+    granted: &AtomicUsize,
+) -> Response<Full<Bytes>> {
+    let xml = |status: u16, text: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/xml")
+            .body(Full::new(Bytes::from(text)))
+            .unwrap()
+    };
+    if !body.contains("Action=AssumeRole") {
+        return xml(400, "<ErrorResponse><Error><Type>Sender</Type><Code>InvalidAction</Code><Message>only AssumeRole</Message></Error></ErrorResponse>".into());
+    }
+    if refuse.load(Ordering::SeqCst) {
+        refused.fetch_add(1, Ordering::SeqCst);
+        return xml(
+            403,
+            "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
+             <Code>AccessDenied</Code><Message>User: arn:aws:iam::123456789012:user/worker is not authorized \
+             to perform: sts:AssumeRole on resource: arn:aws:iam::123456789012:role/journaled-test</Message>\
+             </Error><RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+                .into(),
+        );
+    }
+    granted.fetch_add(1, Ordering::SeqCst);
+    let expiration = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    xml(
+        200,
+        format!(
+            "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
+             <AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/journaled-test/journaled</Arn>\
+             <AssumedRoleId>AROATEST:journaled</AssumedRoleId></AssumedRoleUser>\
+             <Credentials><AccessKeyId>ASIATEST</AccessKeyId><SecretAccessKey>assumed-secret</SecretAccessKey>\
+             <SessionToken>assumed-token</SessionToken><Expiration>{expiration}</Expiration></Credentials>\
+             </AssumeRoleResult><ResponseMetadata><RequestId>00000000-0000-0000-0000-000000000001</RequestId>\
+             </ResponseMetadata></AssumeRoleResponse>"
+        ),
+    )
+}

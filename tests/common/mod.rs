@@ -218,6 +218,8 @@ pub trait AppSql: Backend {
     const CORRUPT_JOB: &'static str;
     /// Makes the receipts of events 1 to 4 (UUIDs from_u128) two days old.
     const AGE_RECEIPTS: &'static str;
+    /// Moves every job's commit (`created_at`) an hour into the past.
+    const BACKDATE_AN_HOUR: &'static str;
     /// Runs a `SELECT COUNT(*) ...` on the pool.
     fn count<'c>(pool: &'c sqlx::Pool<Self>, sql: &'static str) -> BoxFuture<'c, i64>;
 }
@@ -225,10 +227,11 @@ pub trait AppSql: Backend {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 macro_rules! app_sql {
-    ($db:ty, $pool:ty, $corrupt:expr, $age:expr) => {
+    ($db:ty, $pool:ty, $corrupt:expr, $age:expr, $backdate:expr) => {
         impl AppSql for $db {
             const CORRUPT_JOB: &'static str = $corrupt;
             const AGE_RECEIPTS: &'static str = $age;
+            const BACKDATE_AN_HOUR: &'static str = $backdate;
             fn try_exec<'c>(
                 conn: &'c mut Self::Connection,
                 sql: &'static str,
@@ -246,14 +249,16 @@ app_sql!(
     PgPool,
     "INSERT INTO journaled.jobs (event_count, records) VALUES (1, '[{\"id\": not json')",
     "UPDATE journaled.receipts SET delivered_at = now() - interval '2 days' \
-     WHERE event_id <= '00000000-0000-0000-0000-000000000004'"
+     WHERE event_id <= '00000000-0000-0000-0000-000000000004'",
+    "UPDATE journaled.jobs SET created_at = created_at - interval '1 hour'"
 );
 app_sql!(
     Sqlite,
     SqlitePool,
     "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')",
     "UPDATE journaled_receipts SET delivered_at = delivered_at - 172800000 \
-     WHERE event_id <= '00000000-0000-0000-0000-000000000004'"
+     WHERE event_id <= '00000000-0000-0000-0000-000000000004'",
+    "UPDATE journaled_jobs SET created_at = created_at - 3600000"
 );
 
 #[cfg(feature = "worker")]

@@ -178,7 +178,7 @@ impl AwsArgs {
 /// `journaled worker` settings; each has an environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// The default stream (required; events may name their own).
+    /// The default stream, checked at start (optional: every job names its streams).
     #[arg(long, hide_env_values = true, env = "JOURNALED_STREAM_NAME")]
     pub stream_name: Option<String>,
     /// Jobs claimed at a time.
@@ -193,7 +193,7 @@ pub struct WorkerArgs {
     /// Milliseconds between looks for due jobs when nothing wakes the worker.
     #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_POLL_INTERVAL_MS", default_value = "500", value_parser = millis)]
     pub poll_interval_ms: Duration,
-    /// Seconds a claim lasts before another worker may take the job over.
+    /// Seconds a claim lasts before another worker may take the job over (at least 1).
     #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_LEASE_SECS", default_value = "300", value_parser = seconds)]
     pub lease_secs: Duration,
     /// Failed attempts (transient errors) before a job is dead.
@@ -214,8 +214,9 @@ pub struct WorkerArgs {
     /// Bytes per PutRecords request (data plus partition keys).
     #[arg(long, hide_env_values = true, env = "JOURNALED_MAX_REQUEST_BYTES", default_value_t = 5 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_request_bytes: u32,
-    /// Seconds a stopping worker waits for deliveries in flight.
-    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_SHUTDOWN_TIMEOUT_SECS", default_value = "30", value_parser = seconds)]
+    /// Seconds a stopping worker waits for deliveries in flight (keep it below the grace period
+    /// before SIGKILL: Kubernetes' is 30 s).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_SHUTDOWN_TIMEOUT_SECS", default_value = "20", value_parser = seconds)]
     pub shutdown_timeout_secs: Duration,
     /// Exit once nothing is due.
     #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_DRAIN")]

@@ -13,14 +13,36 @@ use journaled::{Config, Error};
 
 use crate::args::{Cli, Command, SchemasCommand, WorkerArgs};
 use crate::db::DbPool;
+use crate::out::{self, PipeClosed};
+
+/// Why a command did not succeed.
+#[derive(Debug)]
+pub enum Failed {
+    /// What went wrong, to say in one line.
+    Error(Error),
+    /// The reader of stdout is gone: end quietly.
+    PipeClosed,
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Self {
+        Failed::Error(e)
+    }
+}
+
+impl From<PipeClosed> for Failed {
+    fn from(_: PipeClosed) -> Self {
+        Failed::PipeClosed
+    }
+}
 
 /// Runs one parsed command.
-pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
+pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
     match cli.command {
         Command::Migrate => {
             let pool = DbPool::connect(&cli.database_url, true).await?;
             pool.migrate().await?;
-            println!("journaled: migrations are up to date");
+            out::line("journaled: migrations are up to date")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Schemas {
@@ -31,9 +53,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
             } else {
                 paths
             };
-            Ok(check_schemas(roots))
+            Ok(check_schemas(roots)?)
         }
-        Command::Worker(args) => run_worker(&cli.database_url, &args).await,
+        Command::Worker(args) => Ok(run_worker(&cli.database_url, &args).await?),
         Command::Status { json } => {
             let pool = DbPool::connect(&cli.database_url, false).await?;
             let status = match &pool {
@@ -47,19 +69,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
             if json {
                 let mut value = serde_json::to_value(&status).expect("status serializes");
                 value["receipts"] = serde_json::to_value(&receipts).expect("stats serialize");
-                println!("{value}");
+                out::line(value)?;
             } else {
-                println!(
-                    "pending: {} jobs, {} events ({} due, {} leased)",
-                    status.pending_jobs, status.pending_events, status.due_jobs, status.leased_jobs
-                );
-                println!(
+                out::line(format_args!(
+                    "pending: {} jobs, {} events ({} due, {} leased, {} delayed)",
+                    status.pending_jobs,
+                    status.pending_events,
+                    status.due_jobs,
+                    status.leased_jobs,
+                    status.delayed_jobs
+                ))?;
+                out::line(format_args!(
                     "dead:    {} jobs, {} events",
                     status.dead_jobs, status.dead_events
-                );
+                ))?;
                 match status.oldest_pending_age_secs {
-                    Some(age) => println!("oldest pending event: {age:.1} s old"),
-                    None => println!("oldest pending event: none"),
+                    Some(age) => {
+                        out::line(format_args!("oldest pending event: due {age:.1} s ago"))?
+                    }
+                    None => out::line("oldest pending event: none")?,
                 }
             }
             if !json {
@@ -113,10 +141,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 Some(id) if n == 0 => {
                     return Err(Error::Config(format!(
                         "there is no job {id} to retry (or a worker holds its lease right now)"
-                    )));
+                    ))
+                    .into());
                 }
-                Some(id) => println!("journaled: job {id} is due now"),
-                None => println!("journaled: {n} dead jobs are due again"),
+                Some(id) => out::line(format_args!("journaled: job {id} is due now"))?,
+                None => out::line(format_args!("journaled: {n} dead jobs are due again"))?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -153,7 +182,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         "partition_key": record.partition_key,
                         "data": data,
                     });
-                    println!("{line}");
+                    out::line(line)?;
                 }
                 if caught_up {
                     if !follow {
@@ -247,17 +276,38 @@ fn print_trace(trace: &Trace, record: Option<&ReadRecord>, json: bool) {
 }
 
 async fn run_worker(database_url: &str, args: &WorkerArgs) -> Result<ExitCode, Error> {
-    let Some(_stream) = args.stream_name.as_deref().filter(|s| !s.is_empty()) else {
-        return Err(Error::Config(
-            "JOURNALED_STREAM_NAME (or --stream-name) is not set: name the default Kinesis stream"
-                .into(),
-        ));
-    };
     let config = args.worker_config();
     config.validate()?;
     let pool = DbPool::connect(database_url, false).await?;
     let sink = KinesisSink::new(args.aws.kinesis_config().client().await);
-    let shutdown = shutdown_signal();
+    // Each job names its streams; the default stream is only checked, beside the first
+    // deliveries, so that a wrong name or a missing stream is said at start rather than at
+    // the first delivery, and a slow answer delays nothing.
+    if let Some(stream) = args.stream_name.clone().filter(|s| !s.is_empty()) {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            match sink.check_stream(&stream).await {
+                Ok(()) => tracing::info!(stream, "the default stream is there"),
+                Err(failure) if failure.code == "ResourceNotFoundException" => tracing::error!(
+                    stream,
+                    error = %failure,
+                    "the default stream does not exist: its events wait (never dead) until it does"
+                ),
+                Err(failure) => tracing::warn!(
+                    stream,
+                    error = %failure,
+                    "could not check the default stream (DescribeStreamSummary); delivering anyway"
+                ),
+            }
+        });
+    }
+    // A closed stderr stops the worker as SIGTERM does (main then exits 141).
+    let shutdown = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = out::closed() => tracing::info!("stderr is closed: stopping"),
+        }
+    };
     match pool {
         DbPool::Postgres(pool) => Worker::new(pool, sink, config)?.run(shutdown).await?,
         DbPool::Sqlite(pool) => Worker::new(pool, sink, config)?.run(shutdown).await?,
@@ -285,25 +335,25 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested: finishing deliveries in flight");
 }
 
-fn check_schemas(roots: Vec<PathBuf>) -> ExitCode {
+fn check_schemas(roots: Vec<PathBuf>) -> Result<ExitCode, PipeClosed> {
     let registry = SchemaRegistry::new(roots.clone());
     let results = registry.check();
     let broken = results.iter().filter(|r| r.error.is_some()).count();
     for result in &results {
         match &result.error {
-            None => println!("ok      {}", result.path.display()),
-            Some(e) => println!("BROKEN  {}: {e}", result.path.display()),
+            None => out::line(format_args!("ok      {}", result.path.display()))?,
+            Some(e) => out::line(format_args!("BROKEN  {}: {e}", result.path.display()))?,
         }
     }
     let searched: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
-    println!(
+    out::line(format_args!(
         "{} schema files checked in <built-in>, {}; {broken} broken",
         results.len(),
         searched.join(", ")
-    );
-    if broken > 0 {
+    ))?;
+    Ok(if broken > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
+    })
 }

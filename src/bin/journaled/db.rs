@@ -78,47 +78,117 @@ impl DbPool {
     }
 }
 
-/// Hides passwords in a database URL: in the user info and in `password` / `sslpassword`
-/// query parameters. A URL that does not parse is shown by its scheme only.
+/// Hides passwords in a database URL, whatever its form: in the user info (which may hold
+/// `@`, `?`, `/` unescaped: it ends at the last `@`), in `password` / `sslpassword` query
+/// parameters, and in libpq `key=value` strings. Anything else is shown by its scheme only.
 pub fn redact(url: &str) -> String {
-    let scheme = url.split(':').next().unwrap_or_default();
-    if scheme == "sqlite" {
+    if url.starts_with("sqlite:") {
         return url.to_owned(); // a file name: no credentials
     }
     let Some(start) = url.find("://") else {
-        return format!("{scheme}:<unparseable URL>");
-    };
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let mut out = match base.rfind('@') {
-        Some(at) if at > start => {
-            let userinfo = &base[start + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &base[..start + 3], &base[at..]),
-                None => base.to_owned(),
-            }
+        if url.contains('=') {
+            return redact_key_values(url);
         }
-        _ => base.to_owned(),
+        let scheme = url.split(':').next().unwrap_or_default();
+        let is_scheme = scheme.len() < url.len()
+            && !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        return if is_scheme {
+            format!("{scheme}:<unparseable URL>")
+        } else {
+            "<unparseable database URL>".to_owned()
+        };
     };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|param| match param.split_once('=') {
-                Some((key, _))
-                    if key.eq_ignore_ascii_case("password")
-                        || key.eq_ignore_ascii_case("sslpassword") =>
-                {
-                    format!("{key}=***")
-                }
-                _ => param.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
+    let head = &url[..start + 3];
+    let rest = &url[start + 3..];
+    // When in doubt (an `@` in the query), more is hidden, never less.
+    let (userinfo, remainder) = match rest.rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let shown = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None if userinfo.contains(['?', '&', '=']) => "***".to_owned(),
+                None => userinfo.to_owned(),
+            };
+            (shown, &rest[at..])
+        }
+        None => (String::new(), rest),
+    };
+    let mut out = format!("{head}{userinfo}");
+    match remainder.split_once('?') {
+        Some((base, query)) => {
+            out.push_str(base);
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if is_password_key(key) => format!("{key}=***"),
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(remainder),
     }
     out
+}
+
+fn is_password_key(key: &str) -> bool {
+    let key = key.trim();
+    key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("sslpassword")
+}
+
+/// libpq's `key=value` form (`host=h password='a b' dbname=d`): values may be single-quoted,
+/// with backslash escapes, and spaces may surround `=`.
+fn redact_key_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    loop {
+        while let Some(c) = chars.next_if(|c| c.is_whitespace()) {
+            out.push(c);
+        }
+        if chars.peek().is_none() {
+            return out;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        out.push_str(&key);
+        while let Some(c) = chars.next_if(|c| c.is_whitespace()) {
+            out.push(c);
+        }
+        if chars.next_if_eq(&'=').is_none() {
+            continue;
+        }
+        out.push('=');
+        while let Some(c) = chars.next_if(|c| c.is_whitespace()) {
+            out.push(c);
+        }
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            value.push('\'');
+            while let Some(c) = chars.next() {
+                value.push(c);
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(c);
+            }
+        }
+        if is_password_key(&key) {
+            out.push_str("***");
+        } else {
+            out.push_str(&value);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -136,5 +206,29 @@ mod tests {
         );
         assert_eq!(redact("postgres:u:pw@h"), "postgres:<unparseable URL>");
         assert_eq!(redact("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn passwords_are_redacted_whatever_the_form() {
+        // A password holding `?`, `/` or `#`: the user info ends at the last `@`.
+        assert_eq!(redact("postgres://u:pa?ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact("postgres://u:a/b#c?d@h:5432/db?sslmode=require"),
+            "postgres://u:***@h:5432/db?sslmode=require"
+        );
+        // An `@` in the query: more is hidden, never the password.
+        assert!(!redact("postgres://u:pw@h/db?application_name=a@b").contains("pw"));
+        // libpq key=value strings.
+        assert_eq!(
+            redact("host=localhost password=hunter2 dbname=app"),
+            "host=localhost password=*** dbname=app"
+        );
+        assert_eq!(
+            redact("host=h password = 'hun ter\\'2' sslpassword=x user=u"),
+            "host=h password = *** sslpassword=*** user=u"
+        );
+        // Nothing recognisable: nothing shown.
+        assert_eq!(redact("hunter2"), "<unparseable database URL>");
+        assert!(!redact("u:hunter2@h").contains("hunter2"));
     }
 }

@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod db;
+mod out;
 
 use std::process::ExitCode;
 
@@ -21,7 +22,10 @@ fn main() -> ExitCode {
         Err(e) => {
             let rendered = e.render().to_string();
             let line = rendered.lines().next().unwrap_or("bad arguments");
-            eprintln!("journaled: {}", line.trim_start_matches("error: "));
+            out::error_line(format_args!(
+                "journaled: {}",
+                line.trim_start_matches("error: ")
+            ));
             return ExitCode::from(2);
         }
     };
@@ -30,7 +34,10 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(out::Stderr)
+        // tracing-subscriber reports a failed write with eprintln!, which panics on a closed
+        // stderr: out::Stderr notes it instead.
+        .log_internal_errors(false)
         .try_init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -38,15 +45,25 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("journaled: cannot start the async runtime: {e}");
+            out::error_line(format_args!(
+                "journaled: cannot start the async runtime: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    let result = runtime.block_on(commands::run(cli));
+    let code = match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("journaled: {e}");
+        Err(commands::Failed::PipeClosed) => ExitCode::from(out::PIPE_CLOSED_STATUS),
+        Err(commands::Failed::Error(e)) => {
+            out::error_line(format_args!("journaled: {e}"));
             ExitCode::FAILURE
         }
+    };
+    // A reader gone mid-way (stdout, or a worker's stderr) ends quietly, as SIGPIPE would.
+    if out::pipe_closed() {
+        ExitCode::from(out::PIPE_CLOSED_STATUS)
+    } else {
+        code
     }
 }

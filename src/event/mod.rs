@@ -1,5 +1,7 @@
 //! Events: the [`Event`] trait, its envelope, and the one-time serialization of a record.
 
+pub(crate) mod checks;
+
 use std::borrow::Cow;
 use std::time::Duration;
 
@@ -12,7 +14,8 @@ use uuid::Uuid;
 
 use crate::{Config, JournalError, context, schema::SchemaRegistry};
 
-/// A Kinesis partition key may not be longer than this many Unicode characters.
+/// A Kinesis partition key may not be longer than this: "256 Unicode characters", which
+/// Kinesis counts in UTF-16 code units (an emoji or a CJK Extension B character is two).
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 
 /// The id of one event: a UUID v7, so ids sort by creation time.
@@ -151,6 +154,7 @@ pub(crate) fn prepare<E: Event>(
         event_type: event_type.to_owned(),
         message,
     };
+    refuse_unrepresentable(event_type, event)?;
     // Serialized once, in the struct's field order; the envelope is written in front of these
     // bytes, so key order holds by construction (no global `preserve_order`).
     let attributes_json = serde_json::to_string(event).map_err(|e| serialization(e.to_string()))?;
@@ -272,6 +276,26 @@ pub(crate) fn prepare<E: Event>(
     })
 }
 
+/// Refuses what serde_json would change or choke on: a NaN or infinite number (written as
+/// `null`) and nesting deeper than [`checks::MAX_NESTING_DEPTH`] (a stack overflow).
+pub(crate) fn refuse_unrepresentable<T: Serialize + ?Sized>(
+    event_type: &str,
+    value: &T,
+) -> Result<(), JournalError> {
+    match checks::check(value) {
+        Ok(()) | Err(checks::Found::Other) => Ok(()),
+        Err(checks::Found::NonFinite(pointer)) => Err(JournalError::NonFiniteNumber {
+            event_type: event_type.to_owned(),
+            pointer,
+        }),
+        Err(checks::Found::TooDeep(pointer)) => Err(JournalError::NestingTooDeep {
+            event_type: event_type.to_owned(),
+            limit: checks::MAX_NESTING_DEPTH,
+            pointer,
+        }),
+    }
+}
+
 /// Kinesis stream names: 1 to 128 of `a-z A-Z 0-9 _ . -`.
 fn check_stream_name(event_type: &str, stream: &str) -> Result<(), JournalError> {
     let valid = stream.len() <= 128
@@ -292,11 +316,16 @@ fn check_partition_key(event_type: &str, key: &str) -> Result<(), JournalError> 
     let reason = if key.is_empty() {
         "it is empty".to_owned()
     } else {
-        let chars = key.chars().count();
-        if chars <= MAX_PARTITION_KEY_CHARS {
+        // Kinesis counts UTF-16 code units: a character outside the Basic Multilingual Plane
+        // (emoji, CJK Extension B) is two.
+        let units = key.encode_utf16().count();
+        if units <= MAX_PARTITION_KEY_CHARS {
             return Ok(());
         }
-        format!("it is {chars} characters long, over the limit of {MAX_PARTITION_KEY_CHARS}")
+        let chars = key.chars().count();
+        format!(
+            "it is {chars} characters long, {units} UTF-16 code units, over Kinesis' limit of {MAX_PARTITION_KEY_CHARS} UTF-16 code units"
+        )
     };
     Err(JournalError::InvalidPartitionKey {
         event_type: event_type.to_owned(),
@@ -341,10 +370,16 @@ mod tests {
     }
 
     #[test]
-    fn partition_key_limits_count_characters_not_bytes() {
+    fn partition_key_limits_count_utf16_units_as_kinesis_does() {
         assert!(check_partition_key("e", &"é".repeat(256)).is_ok());
         let err = check_partition_key("e", &"é".repeat(257)).unwrap_err();
         assert!(err.to_string().contains("257 characters"), "{err}");
+        // Outside the BMP a character is two units: 128 fit, 129 do not.
+        for wide in ["😀", "𠀀"] {
+            assert!(check_partition_key("e", &wide.repeat(128)).is_ok());
+            let err = check_partition_key("e", &wide.repeat(129)).unwrap_err();
+            assert!(err.to_string().contains("258 UTF-16 code units"), "{err}");
+        }
         let err = check_partition_key("e", "").unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
     }
