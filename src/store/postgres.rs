@@ -85,6 +85,44 @@ async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Er
     Ok(pool.begin().await?)
 }
 
+/// Text as a hexadecimal SQL literal's content: safe in a simple query whatever
+/// `standard_conforming_strings` says, since it holds only `0-9a-f`.
+fn hex(text: &str) -> String {
+    use std::fmt::Write;
+    text.bytes()
+        .fold(String::with_capacity(text.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+/// `BEGIN` and the capture context in one simple query, so one round trip: no bind
+/// parameters are allowed there, hence the hexadecimal literals.
+#[tracing::instrument(name = "journaled.begin", skip_all, err)]
+async fn begin_with_context(
+    pool: &PgPool,
+    actor: &str,
+    tags: &str,
+) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
+    let begin = format!(
+        "BEGIN; SELECT set_config('journaled.actor', convert_from(decode('{}', 'hex'), 'UTF8'), true),          set_config('journaled.tags', convert_from(decode('{}', 'hex'), 'UTF8'), true)",
+        hex(actor),
+        hex(tags)
+    );
+    Ok(pool.begin_with(sqlx::AssertSqlSafe(begin)).await?)
+}
+
+async fn set_context(conn: &mut PgConnection, actor: &str, tags: &str) -> Result<(), Error> {
+    sqlx::query(
+        "SELECT set_config('journaled.actor', $1, true), set_config('journaled.tags', $2, true)",
+    )
+    .bind(actor)
+    .bind(tags)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// One `NOTIFY`, in its own short transaction on a pooled connection: never inside an
 /// application's transaction.
 fn announce(pool: &PgPool) -> Option<BoxFuture<'_, Result<(), Error>>> {
