@@ -132,6 +132,7 @@ pub(crate) fn db_error(error: sqlx::Error) -> Error {
     if let sqlx::Error::Database(db) = &error {
         let message = db.message();
         let missing = message.contains("journaled.jobs")
+            || message.contains("journaled.captures")
             || message.contains("\"journaled\"")
             || message.contains("\"jobs\"")
             || message.contains("no such table: journaled_");

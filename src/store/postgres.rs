@@ -28,6 +28,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         description: "ready queue, no NOTIFY trigger",
         sql: include_str!("../../migrations/postgres/0002_ready_queue.sql"),
     },
+    Migration {
+        version: 3,
+        description: "capture: statement-level audit triggers",
+        sql: include_str!("../../migrations/postgres/0003_capture.sql"),
+    },
 ];
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
