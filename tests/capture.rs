@@ -432,6 +432,50 @@ async fn a_new_column_is_captured_at_once() {
             json!({"nickname": ["Ada", null]}),
         ]
     );
+
+    // A renamed table keeps its capture, under its new name, from any search_path.
+    exec(&db, "DELETE FROM journaled.jobs").await;
+    exec(&db, "ALTER TABLE users RENAME TO members").await;
+    let listed = &journaled.captures().await.unwrap()[0];
+    assert!(listed.installed && !listed.current, "{listed:?}");
+    exec(
+        &db,
+        "CREATE SCHEMA elsewhere; CREATE TABLE elsewhere.members (id int PRIMARY KEY)",
+    )
+    .await;
+    exec(
+        &db,
+        "SET search_path = elsewhere; TRUNCATE public.members; RESET search_path",
+    )
+    .await;
+    journaled
+        .enable_capture(&Capture::table("members").class_name("User"))
+        .await
+        .unwrap();
+    exec(&db, "INSERT INTO members (id, email) VALUES (7, 'x'); SET search_path = elsewhere, public; TRUNCATE public.members; RESET search_path").await;
+    let logs = audit_logs(&journaled).await;
+    let ops: Vec<(&str, &str, &str)> = logs
+        .iter()
+        .map(|e| {
+            (
+                e["table_name"].as_str().unwrap(),
+                e["database_operation"].as_str().unwrap(),
+                e["record_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("members", "delete", "42"),
+            ("members", "insert", "7"),
+            ("members", "delete", "7")
+        ]
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM elsewhere.members").await,
+        0
+    );
 }
 
 /// Enabling twice leaves one set of triggers and updates the options; disabling leaves no

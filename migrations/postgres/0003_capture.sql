@@ -235,7 +235,9 @@ BEGIN
     ELSE
         -- DELETE reads the old rows; TRUNCATE (a BEFORE trigger) reads the table itself.
         v_source := CASE WHEN op = 'DELETE' THEN 'journaled_old o'
-            ELSE format('%s %s o', CASE WHEN (SELECT relkind FROM pg_class WHERE oid = rel) = 'p' THEN '' ELSE 'ONLY' END, rel::regclass) END;
+            -- Schema-qualified: the statement may run under another search_path.
+            ELSE (SELECT format('%s %I.%I o', CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY' END, n.nspname, c.relname)
+                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel) END;
         v_d := format('SELECT ''delete'' AS op, %s AS record_id, '''' AS changes, %s AS snapshot, %s AS created_at FROM %s',
             v_rid_o,
             CASE WHEN v_snapshot_delete THEN format('concat(''{'', %s, ''}'')', journaled.capture_join(v_snap_o, ',')) ELSE '''null''' END,
@@ -291,13 +293,15 @@ CREATE TYPE journaled.capture_params AS (
     signature   text     -- the table's columns and key now (journaled.capture_signature)
 );
 
--- What a generated trigger function was generated for: the table's columns (names and types)
--- and primary key. When they differ (ALTER TABLE), the function builds its statement anew.
+-- What a generated trigger function was generated for: the table's name, columns (names and
+-- types) and primary key. When they differ (ALTER TABLE), the function builds its statement anew.
 CREATE FUNCTION journaled.capture_signature(rel oid) RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT string_agg(a.attname || ' ' || a.atttypid, ',' ORDER BY a.attnum)
+    SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+           || ';' || (SELECT string_agg(a.attname || ' ' || a.atttypid, ',' ORDER BY a.attnum)
+                      FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped)
            || ';' || coalesce((SELECT i.indkey::text FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary), '')
-    FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
 $$;
 
 -- Everything one trigger call needs besides its rows: the table's registration, who acts (the
@@ -433,7 +437,7 @@ BEGIN
     END LOOP;
     FOREACH v_function IN ARRAY v_functions LOOP
         IF EXISTS (SELECT 1 FROM pg_proc WHERE oid = v_function
-                   AND pronamespace = 'journaled'::regnamespace AND proname LIKE 'capture\_%'
+                   AND pronamespace = 'journaled'::regnamespace AND proname ~ '^capture_[0-9]+$'
                    AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgfoid = v_function)) THEN
             EXECUTE format('DROP FUNCTION %s', v_function);
         END IF;
