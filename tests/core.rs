@@ -757,5 +757,12 @@ async fn migration_tracking_tables_are_journaleds_own() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(tables, ["journaled.jobs", "journaled.schema_migrations"]);
+    assert_eq!(
+        tables,
+        [
+            "journaled.captures",
+            "journaled.jobs",
+            "journaled.schema_migrations"
+        ]
+    );
 }
