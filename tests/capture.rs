@@ -993,7 +993,12 @@ async fn writes_that_cannot_be_journaled_fail_their_statement() {
     );
     tx.rollback().await.unwrap();
 
+    // The generated trigger function carries its settings; once the table changed, it needs
+    // the registration to build its statement, and says so when it is gone.
     exec(&db, "DELETE FROM journaled.captures").await;
+    exec(&db, "UPDATE users SET plan = 'team'").await;
+    assert_eq!(audit_logs(&journaled).await.len(), 1);
+    exec(&db, "ALTER TABLE users ADD COLUMN nickname text").await;
     let err = try_exec(&db, "UPDATE users SET plan = 'pro'")
         .await
         .unwrap_err();
@@ -1011,7 +1016,11 @@ async fn writes_that_cannot_be_journaled_fail_their_statement() {
         err.to_string().contains("table users has no primary key"),
         "{err}"
     );
-    assert!(journaled.jobs().await.unwrap().is_empty());
+    assert_eq!(
+        audit_logs(&journaled).await.len(),
+        1,
+        "only the `team` update"
+    );
 }
 
 macro_rules! postgres_tests {

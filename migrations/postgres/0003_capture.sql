@@ -111,8 +111,10 @@ $$;
 -- 1 text after created_at (tags, class_name, table_name, up to record_id), 2 text after the
 -- snapshot (actor, closing brace), 3 text now, 4 the stream as JSON, 5 priority, 6 record limit,
 -- 7 id prefix, 8 id counter base, 9 bytes of a record that do not vary, 10 filter parameters,
--- 11 table name, 12 bytes per job step.
-CREATE FUNCTION journaled.capture_sql(rel oid, options jsonb, op text, p text[]) RETURNS text
+-- 11 table name, 12 bytes per job step. `small`: the statement changed one row, so its one or
+-- two events (a changed key) need no numbering or grouping: each is a job of its own.
+CREATE FUNCTION journaled.capture_sql(rel oid, options jsonb, op text, p text[], small boolean DEFAULT false)
+RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_ignore text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(options->'ignore', '[]')))
@@ -140,6 +142,9 @@ DECLARE
     v_d text;
     v_keep text := 'true';
     v_source text;
+    v_record text;
+    v_size text;
+    v_check text;
 BEGIN
     IF v_pk IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'JC003',
@@ -244,34 +249,50 @@ BEGIN
             p[3], v_source);
     END IF;
 
+    -- `||` rather than concat(): every piece is non-null, and it copies less.
+    v_record := format($rec$'{"id":"' || id || '","stream":' || %s || ',"partition_key":"' || id || '","data":{"id":"' || id
+        || '","event_type":"journaled_audit_log_event","created_at":"' || created_at || %s || record_id
+        || ',"database_operation":"' || op || '","changes":{' || changes || '},"snapshot":' || snapshot || %s || '}'$rec$,
+        p[4], p[1], p[2]);
+    v_size := format('%s + octet_length(op) + octet_length(record_id) + octet_length(changes) '
+                     '+ octet_length(snapshot) + octet_length(created_at)', p[9]);
+    v_check := format($chk$CASE WHEN size <= %1$s THEN true
+        ELSE journaled.capture_too_large(%2$s, record_id::json #>> '{}', size, %1$s) END$chk$, p[6], p[11]);
+    IF small THEN
+        RETURN format($sql$
+WITH d AS (%1$s)
+INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records)
+SELECT %3$s, now(), true, 1, octet_length(records), records FROM (
+    SELECT '[' || %4$s || ']' AS records
+    FROM (
+        SELECT %5$s || lpad(to_hex(%6$s + CASE op WHEN 'update' THEN 1 WHEN 'insert' THEN 2 ELSE 3 END), 12, '0') AS id, e.*
+        FROM (SELECT d.*, %7$s AS size FROM d WHERE %2$s) AS e
+        WHERE %8$s
+    ) AS x
+) AS one$sql$,
+            v_d, v_keep, p[5], v_record, p[7], p[8], v_size, v_check);
+    END IF;
     -- Events numbered and measured in order; cut into jobs of at most 500 records, and of at
     -- most p[12] bytes plus one record (so at most 5 MiB), as the library's own jobs are.
     RETURN format($sql$
 WITH d AS (%1$s)
 INSERT INTO journaled.jobs (priority, run_at, ready, event_count, bytes, records)
-SELECT %7$s, now(), true, n, octet_length(records), records FROM (
-    -- `||` rather than concat(): every piece is non-null, and it copies less.
-    SELECT (rn - 1) / 500 AS by_count, before / %13$s AS by_bytes, count(*)::int AS n, '[' || string_agg(
-        '{"id":"' || id || '","stream":' || %6$s || ',"partition_key":"' || id || '","data":{"id":"' || id
-        || '","event_type":"journaled_audit_log_event","created_at":"' || created_at || %4$s || record_id
-        || ',"database_operation":"' || op || '","changes":{' || changes || '},"snapshot":' || snapshot || %5$s || '}', ',') || ']' AS records
+SELECT %3$s, now(), true, n, octet_length(records), records FROM (
+    SELECT (rn - 1) / 500 AS by_count, before / %4$s AS by_bytes, count(*)::int AS n,
+           '[' || string_agg(%5$s, ',') || ']' AS records
     FROM (
-        SELECT %9$s || lpad(to_hex(%10$s + rn), 12, '0') AS id, f.*
+        SELECT %6$s || lpad(to_hex(%7$s + rn), 12, '0') AS id, f.*
         FROM (
             SELECT e.*, row_number() OVER w AS rn, sum(size) OVER w - size AS before
-            FROM (
-                SELECT d.*, %11$s + octet_length(op) + octet_length(record_id) + octet_length(changes)
-                            + octet_length(snapshot) + octet_length(created_at) AS size
-                FROM d WHERE %2$s
-            ) AS e
+            FROM (SELECT d.*, %8$s AS size FROM d WHERE %2$s) AS e
             WINDOW w AS (ROWS UNBOUNDED PRECEDING)
         ) AS f
-        WHERE CASE WHEN size <= %8$s THEN true ELSE journaled.capture_too_large(%12$s, record_id::json #>> '{}', size, %8$s) END
+        WHERE %9$s
     ) AS x
     GROUP BY 1, 2
 ) AS chunks
 ORDER BY by_count, by_bytes$sql$,
-        v_d, v_keep, NULL, p[1], p[2], p[4], p[5], p[6], p[7], p[8], p[9], p[11], p[12]);
+        v_d, v_keep, p[5], p[12], v_record, p[7], p[8], v_size, v_check);
 END
 $$;
 
@@ -290,34 +311,87 @@ CREATE TYPE journaled.capture_params AS (
     table_name  text,
     step        integer, -- a job holds records whose running total stays within one step
     options     jsonb,
-    signature   text     -- the table's columns and key now (journaled.capture_signature)
+    signature   text     -- the table's name, columns and key (journaled.capture_signature)
 );
 
 -- What a generated trigger function was generated for: the table's name, columns (names and
 -- types) and primary key. When they differ (ALTER TABLE), the function builds its statement anew.
+-- (plpgsql, not sql: its plan is then kept for the session, not made again on every call.)
 CREATE FUNCTION journaled.capture_signature(rel oid) RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
-           || ';' || (SELECT string_agg(a.attname || ' ' || a.atttypid, ',' ORDER BY a.attnum)
-                      FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped)
-           || ';' || coalesce((SELECT i.indkey::text FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary), '')
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (
+        SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+               || ';' || (SELECT string_agg(a.attname || ' ' || a.atttypid, ',' ORDER BY a.attnum)
+                          FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped)
+               || ';' || coalesce((SELECT i.indkey::text FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary), '')
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+END
 $$;
 
--- Everything one trigger call needs besides its rows: the table's registration, who acts (the
+-- Raised when the setting journaled.tags is JSON but not an object.
+CREATE FUNCTION journaled.capture_bad_tags(tags text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = 'JC007',
+        MESSAGE = format('journaled capture: the setting journaled.tags is not a JSON object: %s', left(tags, 200));
+END
+$$;
+
+-- Everything one trigger call needs besides its rows, from a capture's settings: who acts (the
 -- transaction-local settings journaled.actor and journaled.tags, which a journaled transaction
 -- sets with Config::with_capture_context; for other writers, such as psql or another service,
--- gid://<app>/db/<current_user> and application_name in the tags), the time, ids.
+-- gid://<app>/db/<current_user> and application_name in the tags), the time, ids. One
+-- statement, planned once per session: it runs for every captured statement.
+CREATE FUNCTION journaled.capture_params_for(class_name text, stream text, priority integer, options jsonb,
+                                             tbl_schema name, tbl_name name)
+RETURNS journaled.capture_params LANGUAGE plpgsql AS $$
+DECLARE
+    v_p journaled.capture_params;
+BEGIN
+    SELECT h.head,
+           h.tail,
+           to_char(t.now AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"+00:00"'),
+           to_json(stream)::text,
+           priority,
+           m.max_size,
+           -- Ids: UUID v7 from the statement's millisecond and random bits, then a per-row counter.
+           concat(substr(t.ms, 1, 8), '-', substr(t.ms, 9, 4), '-7', substr(t.hex, 14, 3), '-',
+                  to_hex((('x' || substr(t.hex, 17, 2))::bit(8)::int & 63) | 128), substr(t.hex, 19, 2), '-'),
+           ('x' || substr(t.hex, 21, 12))::bit(48)::bigint & 140737488355327,
+           -- Data (with its id) plus partition key, less what varies per row.
+           octet_length(concat('{"id":"', repeat('0', 36), '","event_type":"journaled_audit_log_event","created_at":"',
+                               h.head, ',"database_operation":"', '","changes":{', '},"snapshot":', h.tail)) + 36,
+           ARRAY(SELECT jsonb_array_elements_text(coalesce(options->'filter_parameters', '[]'))),
+           m.tbl,
+           greatest(5242880 - m.max_size, 1048576),
+           options
+    INTO v_p
+    FROM (SELECT s.now, encode(uuid_send(gen_random_uuid()), 'hex') AS hex,
+                 lpad(to_hex((extract(epoch FROM s.now) * 1000)::bigint), 12, '0') AS ms
+          FROM (SELECT clock_timestamp() AS now) AS s) AS t,
+         (SELECT coalesce((options->>'max_record_size')::int, 1048576) AS max_size,
+                 CASE WHEN tbl_schema = 'public' THEN tbl_name::text ELSE tbl_schema || '.' || tbl_name END AS tbl,
+                 nullif(current_setting('journaled.actor', true), '') AS actor,
+                 coalesce(nullif(current_setting('journaled.tags', true), ''), '{}') AS tags) AS m,
+         LATERAL (SELECT concat('","tags":',
+                                CASE WHEN m.actor IS NULL
+                                     THEN concat('{"application_name":', to_json(current_setting('application_name'))::text, '}')
+                                     WHEN json_typeof(m.tags::json) = 'object' THEN m.tags
+                                     ELSE journaled.capture_bad_tags(m.tags) END,
+                                ',"class_name":', to_json(class_name)::text,
+                                ',"table_name":', to_json(m.tbl)::text, ',"record_id":') AS head,
+                         concat(',"actor":', to_json(coalesce(m.actor, format('gid://%s/db/%s',
+                                coalesce(options->>'app_name', current_database()), current_user)))::text, '}') AS tail) AS h;
+    RETURN v_p;
+END
+$$;
+
+-- The same from the table's registration in journaled.captures, with the table's signature:
+-- what a trigger function needs when it builds its statement from the catalog.
 CREATE FUNCTION journaled.capture_prepare(rel oid, tbl_schema name, tbl_name name)
 RETURNS journaled.capture_params LANGUAGE plpgsql AS $$
 DECLARE
     v_cap journaled.captures;
-    v_now timestamptz := clock_timestamp();
-    v_actor text := current_setting('journaled.actor', true);
-    v_tags text;
-    v_table text := CASE WHEN tbl_schema = 'public' THEN tbl_name::text ELSE tbl_schema || '.' || tbl_name END;
-    v_rand bytea := uuid_send(gen_random_uuid());
-    v_ms text := lpad(to_hex((extract(epoch FROM v_now) * 1000)::bigint), 12, '0');
     v_p journaled.capture_params;
 BEGIN
     SELECT * INTO v_cap FROM journaled.captures WHERE relid = rel LIMIT 1;
@@ -325,49 +399,26 @@ BEGIN
         SELECT * INTO v_cap FROM journaled.captures WHERE table_schema = tbl_schema AND table_name = tbl_name;
         IF NOT FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'JC008',
-                MESSAGE = format('journaled capture: %s has capture triggers but is not in journaled.captures', v_table),
-                HINT = format('run `journaled capture enable %s` again, or `journaled capture disable %s`', v_table, v_table);
+                MESSAGE = format('journaled capture: %s has capture triggers but is not in journaled.captures',
+                                 CASE WHEN tbl_schema = 'public' THEN tbl_name::text ELSE tbl_schema || '.' || tbl_name END),
+                HINT = 'run `journaled capture enable` on it again, or `journaled capture disable`';
         END IF;
     END IF;
-    IF v_actor IS NULL OR v_actor = '' THEN
-        v_actor := format('gid://%s/db/%s', coalesce(v_cap.options->>'app_name', current_database()), current_user);
-        v_tags := concat('{"application_name":', to_json(current_setting('application_name'))::text, '}');
-    ELSE
-        v_tags := coalesce(nullif(current_setting('journaled.tags', true), ''), '{}');
-        IF json_typeof(v_tags::json) IS DISTINCT FROM 'object' THEN
-            RAISE EXCEPTION USING ERRCODE = 'JC007',
-                MESSAGE = format('journaled capture: the setting journaled.tags is not a JSON object: %s', left(v_tags, 200));
-        END IF;
-    END IF;
-    v_p.head := concat('","tags":', v_tags, ',"class_name":', to_json(v_cap.class_name)::text,
-                       ',"table_name":', to_json(v_table)::text, ',"record_id":');
-    v_p.tail := concat(',"actor":', to_json(v_actor)::text, '}');
-    v_p.now := to_char(v_now AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"+00:00"');
-    v_p.stream := to_json(v_cap.stream)::text;
-    v_p.priority := v_cap.priority;
-    v_p.max_size := coalesce((v_cap.options->>'max_record_size')::int, 1048576);
-    -- Ids: UUID v7 from the statement's millisecond and random bits, then a per-row counter.
-    v_p.id_prefix := concat(substr(v_ms, 1, 8), '-', substr(v_ms, 9, 4), '-7', substr(encode(v_rand, 'hex'), 14, 3), '-',
-                            to_hex((get_byte(v_rand, 8) & 63) | 128), substr(encode(v_rand, 'hex'), 19, 2), '-');
-    v_p.id_base := ('x' || encode(substring(v_rand FROM 11 FOR 6), 'hex'))::bit(48)::bigint & 140737488355327;
-    -- Data (with its id) plus partition key, less what varies per row.
-    v_p.fixed_bytes := octet_length(concat('{"id":"', repeat('0', 36), '","event_type":"journaled_audit_log_event","created_at":"',
-                                           v_p.head, ',"database_operation":"', '","changes":{', '},"snapshot":', v_p.tail)) + 36;
-    v_p.filter := ARRAY(SELECT jsonb_array_elements_text(coalesce(v_cap.options->'filter_parameters', '[]')));
-    v_p.table_name := v_table;
-    v_p.step := greatest(5242880 - v_p.max_size, 1048576);
-    v_p.options := v_cap.options;
+    v_p := journaled.capture_params_for(v_cap.class_name, v_cap.stream, v_cap.priority, v_cap.options,
+                                        tbl_schema, tbl_name);
     v_p.signature := journaled.capture_signature(rel);
     RETURN v_p;
 END
 $$;
 
--- The CREATE FUNCTION statement of a table's trigger function: its statements are generated
--- for the table's columns and options, as static SQL, so each session plans them once (a
--- statement of one row costs about what a row-level trigger does). If the table's columns or
--- key, or the options, have changed since, it builds its statement anew on each call (correct,
--- slower) until capture is enabled again.
-CREATE FUNCTION journaled.capture_function_sql(rel oid, options jsonb) RETURNS text
+-- The CREATE FUNCTION statement of a table's trigger function: its statements and settings are
+-- generated for the table's columns and the capture's settings, as static SQL, so each session
+-- plans them once (a statement of one row costs about what a row-level trigger does). If the
+-- table's name, columns or key have changed since, it builds its statement anew on each call,
+-- from the registration (correct, slower), until capture is enabled again. Change a capture
+-- with journaled.enable_capture, not by editing journaled.captures.
+CREATE FUNCTION journaled.capture_function_sql(rel oid, class_name text, stream text, priority integer,
+                                               options jsonb) RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_static text[] := ARRAY['_j.head', '_j.tail', '_j.now', '_j.stream', '_j.priority', '_j.max_size',
@@ -378,23 +429,36 @@ BEGIN
     v_body := format($body$
 DECLARE
     _j journaled.capture_params;
+    _rows int;  -- 0, 1, or 2 for more
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        PERFORM FROM journaled_new LIMIT 1;
-        IF NOT FOUND THEN RETURN NULL; END IF;
+        SELECT count(*) INTO _rows FROM (SELECT FROM journaled_new LIMIT 2) AS r;
     ELSIF TG_OP IN ('UPDATE', 'DELETE') THEN
-        PERFORM FROM journaled_old LIMIT 1;
-        IF NOT FOUND THEN RETURN NULL; END IF;
+        SELECT count(*) INTO _rows FROM (SELECT FROM journaled_old LIMIT 2) AS r;
     END IF;
-    _j := journaled.capture_prepare(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME);
-    IF _j.signature IS DISTINCT FROM %1$L OR _j.options IS DISTINCT FROM %7$L::jsonb THEN
+    IF _rows = 0 THEN
+        RETURN NULL;
+    END IF;
+    IF journaled.capture_signature(TG_RELID) IS DISTINCT FROM %1$L THEN
+        -- The table changed since this function was generated: build the statement for what
+        -- it is now, from its registration.
+        _j := journaled.capture_prepare(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME);
         EXECUTE journaled.capture_sql(TG_RELID, _j.options, TG_OP, %2$L)
         USING _j.head, _j.tail, _j.now, _j.stream, _j.priority, _j.max_size, _j.id_prefix, _j.id_base,
               _j.fixed_bytes, _j.filter, _j.table_name, _j.step;
+        RETURN NULL;
+    END IF;
+    _j := journaled.capture_params_for(%11$L, %12$L, %13$s, %7$L::jsonb, TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    IF TG_OP = 'INSERT' AND _rows = 1 THEN
+        %8$s;
     ELSIF TG_OP = 'INSERT' THEN
         %3$s;
+    ELSIF TG_OP = 'UPDATE' AND _rows = 1 THEN
+        %9$s;
     ELSIF TG_OP = 'UPDATE' THEN
         %4$s;
+    ELSIF TG_OP = 'DELETE' AND _rows = 1 THEN
+        %10$s;
     ELSIF TG_OP = 'DELETE' THEN
         %5$s;
     ELSE
@@ -408,7 +472,11 @@ $body$,
         journaled.capture_sql(rel, options, 'UPDATE', v_static),
         journaled.capture_sql(rel, options, 'DELETE', v_static),
         journaled.capture_sql(rel, options, 'TRUNCATE', v_static),
-        options);
+        options,
+        journaled.capture_sql(rel, options, 'INSERT', v_static, true),
+        journaled.capture_sql(rel, options, 'UPDATE', v_static, true),
+        journaled.capture_sql(rel, options, 'DELETE', v_static, true),
+        class_name, stream, priority);
     -- Transition tables have no statistics, so row estimates are blind: without these settings
     -- JIT compilation and disk sorts cost more than the work.
     RETURN format('CREATE OR REPLACE FUNCTION journaled.%I() RETURNS trigger LANGUAGE plpgsql '
@@ -507,7 +575,7 @@ BEGIN
     RETURNING * INTO v_row;
 
     PERFORM journaled.capture_drop_triggers(v_rel);
-    EXECUTE journaled.capture_function_sql(v_rel, v_row.options);
+    EXECUTE journaled.capture_function_sql(v_rel, v_row.class_name, v_row.stream, v_row.priority, v_row.options);
     v_function := format('journaled.%I', 'capture_' || v_rel::oid);
     EXECUTE format('CREATE TRIGGER journaled_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS journaled_new '
                    'FOR EACH STATEMENT EXECUTE FUNCTION %s()', v_rel, v_function);
