@@ -613,8 +613,8 @@ async fn actor_and_tags_come_from_the_journaled_transaction() {
     exec(&db, RESET_42).await;
     journaled.enable_capture(&users_capture()).await.unwrap();
     tagged(
-        tags! { request_id = "req-9", job = 3 },
-        with_actor("gid://app/Admin/1", async {
+        tags! { request_id = "req-9", job = 3, note = "O'Brien $j0$ é \\ \"x\"" },
+        with_actor("gid://app/O'Brien$j0$/1", async {
             let mut tx = journaled.begin().await.unwrap();
             sqlx::query("UPDATE users SET plan = 'a'")
                 .execute(&mut *tx)
@@ -655,8 +655,11 @@ async fn actor_and_tags_come_from_the_journaled_transaction() {
     let logs = audit_logs(&journaled).await;
     assert_eq!(logs.len(), 4);
     for log in &logs[..3] {
-        assert_eq!(log["actor"], "gid://app/Admin/1");
-        assert_eq!(log["tags"], json!({"request_id": "req-9", "job": 3}));
+        assert_eq!(log["actor"], "gid://app/O'Brien$j0$/1");
+        assert_eq!(
+            log["tags"],
+            json!({"request_id": "req-9", "job": 3, "note": "O'Brien $j0$ é \\ \"x\""})
+        );
     }
     assert_eq!(logs[3]["actor"], "gid://journaled_test/db/postgres");
 }

@@ -90,19 +90,18 @@ async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Er
     Ok(pool.begin().await?)
 }
 
-/// Text as a hexadecimal SQL literal's content: safe in a simple query whatever
-/// `standard_conforming_strings` says, since it holds only `0-9a-f`.
-fn hex(text: &str) -> String {
-    use std::fmt::Write;
-    text.bytes()
-        .fold(String::with_capacity(text.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
+/// `text` as a dollar-quoted SQL string, with a tag that does not occur in it: literal
+/// whatever `standard_conforming_strings` says.
+fn dollar_quoted(text: &str) -> String {
+    let tag = (0..)
+        .map(|n| format!("$j{n}$"))
+        .find(|tag| !text.contains(tag.as_str()))
+        .expect("some tag is free");
+    format!("{tag}{text}{tag}")
 }
 
-/// `BEGIN` and the capture context in one simple query, so one round trip: no bind
-/// parameters are allowed there, hence the hexadecimal literals.
+/// `BEGIN` and the capture context in one simple query, so one round trip (no bind parameters
+/// are allowed there, hence the quoting); `SET LOCAL` is a utility statement, not planned.
 #[tracing::instrument(name = "journaled.begin", skip_all, err)]
 async fn begin_with_context(
     pool: &PgPool,
@@ -110,9 +109,9 @@ async fn begin_with_context(
     tags: &str,
 ) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
     let begin = format!(
-        "BEGIN; SELECT set_config('journaled.actor', convert_from(decode('{}', 'hex'), 'UTF8'), true),          set_config('journaled.tags', convert_from(decode('{}', 'hex'), 'UTF8'), true)",
-        hex(actor),
-        hex(tags)
+        "BEGIN; SET LOCAL journaled.actor = {}; SET LOCAL journaled.tags = {}",
+        dollar_quoted(actor),
+        dollar_quoted(tags)
     );
     Ok(pool.begin_with(sqlx::AssertSqlSafe(begin)).await?)
 }
@@ -436,3 +435,18 @@ fn wake_on_insert(
 }
 
 impl_backend!(Postgres, PgConnection, PgPool);
+
+#[cfg(test)]
+mod tests {
+    use super::dollar_quoted;
+
+    #[test]
+    fn dollar_quotes_pick_a_tag_the_text_lacks() {
+        assert_eq!(
+            dollar_quoted("gid://app/User/1"),
+            "$j0$gid://app/User/1$j0$"
+        );
+        assert_eq!(dollar_quoted("a$j0$b"), "$j1$a$j0$b$j1$");
+        assert_eq!(dollar_quoted("it's"), "$j0$it's$j0$");
+    }
+}
