@@ -361,10 +361,13 @@ async fn list_where(
         "SELECT c.table_schema, c.table_name, c.class_name, c.stream, c.priority, c.options::text AS options, c.enabled_at, \
                 t.tgfoid IS NOT NULL AS installed, \
                 coalesce(position(quote_literal(journaled.capture_signature(c.relid)) IN p.prosrc) > 0 \
+                         AND position(format('TG_TABLE_NAME <> %L OR TG_TABLE_SCHEMA <> %L', r.relname, ns.nspname) IN p.prosrc) > 0 \
                          AND position(quote_literal(c.options::text) IN p.prosrc) > 0, false) AS current \
          FROM journaled.captures c \
          LEFT JOIN pg_trigger t ON t.tgrelid = c.relid AND t.tgname = 'journaled_capture_update' \
          LEFT JOIN pg_proc p ON p.oid = t.tgfoid \
+         LEFT JOIN pg_class r ON r.oid = c.relid \
+         LEFT JOIN pg_namespace ns ON ns.oid = r.relnamespace \
          WHERE $1::text IS NULL OR c.relid = to_regclass($1) \
          ORDER BY c.table_schema, c.table_name",
     )

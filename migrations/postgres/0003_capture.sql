@@ -311,21 +311,19 @@ CREATE TYPE journaled.capture_params AS (
     table_name  text,
     step        integer, -- a job holds records whose running total stays within one step
     options     jsonb,
-    signature   text     -- the table's name, columns and key (journaled.capture_signature)
+    signature   text     -- the table's columns and key (journaled.capture_signature)
 );
 
--- What a generated trigger function was generated for: the table's name, columns (names and
--- types) and primary key. When they differ (ALTER TABLE), the function builds its statement anew.
+-- What a generated trigger function was generated for, besides the table's name (which it
+-- compares with TG_TABLE_SCHEMA and TG_TABLE_NAME): the table's columns (names and types) and
+-- primary key. When they differ (ALTER TABLE), the function builds its statement anew.
 -- (plpgsql, not sql: its plan is then kept for the session, not made again on every call.)
 CREATE FUNCTION journaled.capture_signature(rel oid) RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (
-        SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
-               || ';' || (SELECT string_agg(a.attname || ' ' || a.atttypid, ',' ORDER BY a.attnum)
-                          FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped)
-               || ';' || coalesce((SELECT i.indkey::text FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary), '')
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+    RETURN (SELECT string_agg(a.attname || ' ' || a.atttypid, ',' ORDER BY a.attnum)
+            FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped)
+           || ';' || coalesce((SELECT i.indkey::text FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary), '');
 END
 $$;
 
@@ -342,8 +340,8 @@ $$;
 -- sets with Config::with_capture_context; for other writers, such as psql or another service,
 -- gid://<app>/db/<current_user> and application_name in the tags), the time, ids. One
 -- statement, planned once per session: it runs for every captured statement.
-CREATE FUNCTION journaled.capture_params_for(class_name text, stream text, priority integer, options jsonb,
-                                             tbl_schema name, tbl_name name)
+CREATE FUNCTION journaled.capture_params_for(class_name text, stream text, priority integer, max_size integer,
+                                             filter text[], app_name text, tbl_schema name, tbl_name name)
 RETURNS journaled.capture_params LANGUAGE plpgsql AS $$
 DECLARE
     v_p journaled.capture_params;
@@ -361,15 +359,14 @@ BEGIN
            -- Data (with its id) plus partition key, less what varies per row.
            octet_length(concat('{"id":"', repeat('0', 36), '","event_type":"journaled_audit_log_event","created_at":"',
                                h.head, ',"database_operation":"', '","changes":{', '},"snapshot":', h.tail)) + 36,
-           ARRAY(SELECT jsonb_array_elements_text(coalesce(options->'filter_parameters', '[]'))),
+           filter,
            m.tbl,
-           greatest(5242880 - m.max_size, 1048576),
-           options
+           greatest(5242880 - m.max_size, 1048576)
     INTO v_p
     FROM (SELECT s.now, encode(uuid_send(gen_random_uuid()), 'hex') AS hex,
                  lpad(to_hex((extract(epoch FROM s.now) * 1000)::bigint), 12, '0') AS ms
           FROM (SELECT clock_timestamp() AS now) AS s) AS t,
-         (SELECT coalesce((options->>'max_record_size')::int, 1048576) AS max_size,
+         (SELECT coalesce(max_size, 1048576) AS max_size,
                  CASE WHEN tbl_schema = 'public' THEN tbl_name::text ELSE tbl_schema || '.' || tbl_name END AS tbl,
                  nullif(current_setting('journaled.actor', true), '') AS actor,
                  coalesce(nullif(current_setting('journaled.tags', true), ''), '{}') AS tags) AS m,
@@ -381,7 +378,7 @@ BEGIN
                                 ',"class_name":', to_json(class_name)::text,
                                 ',"table_name":', to_json(m.tbl)::text, ',"record_id":') AS head,
                          concat(',"actor":', to_json(coalesce(m.actor, format('gid://%s/db/%s',
-                                coalesce(options->>'app_name', current_database()), current_user)))::text, '}') AS tail) AS h;
+                                coalesce(app_name, current_database()), current_user)))::text, '}') AS tail) AS h;
     RETURN v_p;
 END
 $$;
@@ -404,8 +401,11 @@ BEGIN
                 HINT = 'run `journaled capture enable` on it again, or `journaled capture disable`';
         END IF;
     END IF;
-    v_p := journaled.capture_params_for(v_cap.class_name, v_cap.stream, v_cap.priority, v_cap.options,
-                                        tbl_schema, tbl_name);
+    v_p := journaled.capture_params_for(v_cap.class_name, v_cap.stream, v_cap.priority,
+                                        (v_cap.options->>'max_record_size')::int,
+                                        ARRAY(SELECT jsonb_array_elements_text(coalesce(v_cap.options->'filter_parameters', '[]'))),
+                                        v_cap.options->>'app_name', tbl_schema, tbl_name);
+    v_p.options := v_cap.options;
     v_p.signature := journaled.capture_signature(rel);
     RETURN v_p;
 END
@@ -427,6 +427,7 @@ DECLARE
     v_body text;
 BEGIN
     v_body := format($body$
+-- Generated by journaled.enable_capture for the options %7$L.
 DECLARE
     _j journaled.capture_params;
     _rows int;  -- 0, 1, or 2 for more
@@ -439,7 +440,8 @@ BEGIN
     IF _rows = 0 THEN
         RETURN NULL;
     END IF;
-    IF journaled.capture_signature(TG_RELID) IS DISTINCT FROM %1$L THEN
+    IF TG_TABLE_NAME <> %14$L OR TG_TABLE_SCHEMA <> %15$L
+       OR journaled.capture_signature(TG_RELID) IS DISTINCT FROM %1$L THEN
         -- The table changed since this function was generated: build the statement for what
         -- it is now, from its registration.
         _j := journaled.capture_prepare(TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME);
@@ -448,7 +450,7 @@ BEGIN
               _j.fixed_bytes, _j.filter, _j.table_name, _j.step;
         RETURN NULL;
     END IF;
-    _j := journaled.capture_params_for(%11$L, %12$L, %13$s, %7$L::jsonb, TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    _j := journaled.capture_params_for(%11$L, %12$L, %13$s, %16$s, %17$L, %18$L, TG_TABLE_SCHEMA, TG_TABLE_NAME);
     IF TG_OP = 'INSERT' AND _rows = 1 THEN
         %8$s;
     ELSIF TG_OP = 'INSERT' THEN
@@ -476,7 +478,12 @@ $body$,
         journaled.capture_sql(rel, options, 'INSERT', v_static, true),
         journaled.capture_sql(rel, options, 'UPDATE', v_static, true),
         journaled.capture_sql(rel, options, 'DELETE', v_static, true),
-        class_name, stream, priority);
+        class_name, stream, priority,
+        (SELECT relname FROM pg_class WHERE oid = rel),
+        (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel),
+        coalesce((options->>'max_record_size')::int, 1048576),
+        ARRAY(SELECT jsonb_array_elements_text(coalesce(options->'filter_parameters', '[]'))),
+        options->>'app_name');
     -- Transition tables have no statistics, so row estimates are blind: without these settings
     -- JIT compilation and disk sorts cost more than the work.
     RETURN format('CREATE OR REPLACE FUNCTION journaled.%I() RETURNS trigger LANGUAGE plpgsql '
