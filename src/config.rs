@@ -50,6 +50,7 @@ pub struct Config {
     pub(crate) snapshot_on_deletion: bool,
     pub(crate) notify: bool,
     pub(crate) notify_interval: std::time::Duration,
+    pub(crate) capture_context: bool,
 }
 
 impl Default for Config {
@@ -74,6 +75,7 @@ impl Default for Config {
             snapshot_on_deletion: false,
             notify: true,
             notify_interval: DEFAULT_NOTIFY_INTERVAL,
+            capture_context: false,
         }
     }
 }
@@ -95,8 +97,8 @@ impl Config {
     /// Reads `JOURNALED_STREAM_NAME`, `JOURNALED_APP_NAME`, `JOURNALED_SCHEMA_PATH` (a
     /// `:`-separated list of folders, first match wins), `JOURNALED_JOB_PRIORITY` and
     /// `JOURNALED_ENABLED`, `JOURNALED_FILTER_PARAMETERS` (comma-separated sensitive names),
-    /// `JOURNALED_MAX_TRANSACTION_BYTES`,
-    /// `JOURNALED_NOTIFY` and `JOURNALED_NOTIFY_INTERVAL_MS`.
+    /// `JOURNALED_MAX_TRANSACTION_BYTES`, `JOURNALED_NOTIFY`, `JOURNALED_NOTIFY_INTERVAL_MS` and
+    /// `JOURNALED_CAPTURE_CONTEXT`.
     /// A malformed value is an error that names the variable.
     pub fn from_env() -> Result<Config, Error> {
         let mut config = Config {
@@ -142,6 +144,13 @@ impl Config {
             config.max_transaction_bytes = bytes.trim().parse().ok().filter(|b| *b > 0).ok_or_else(|| {
                 Error::Config(format!(
                     "JOURNALED_MAX_TRANSACTION_BYTES must be a positive whole number of bytes, got `{bytes}`"
+                ))
+            })?;
+        }
+        if let Some(capture) = var("JOURNALED_CAPTURE_CONTEXT") {
+            config.capture_context = parse_bool(&capture).ok_or_else(|| {
+                Error::Config(format!(
+                    "JOURNALED_CAPTURE_CONTEXT must be true or false, got `{capture}`"
                 ))
             })?;
         }
@@ -259,9 +268,25 @@ impl Config {
         self
     }
 
+    /// Whether the transactions this `Journaled` begins tell the database who acts (PostgreSQL):
+    /// the task-local actor and tags become the transaction-local settings `journaled.actor`
+    /// and `journaled.tags`, which capture triggers (see `journaled::capture`) put in their
+    /// events. They are sent with the `BEGIN`, in the same round trip, so it costs no extra
+    /// round trip; off by default, because only applications with captured tables need it.
+    /// Ignored on SQLite.
+    pub fn with_capture_context(mut self, enabled: bool) -> Self {
+        self.capture_context = enabled;
+        self
+    }
+
     /// The default stream name, if any.
     pub fn stream_name(&self) -> Option<&str> {
         self.stream_name.as_deref()
+    }
+
+    /// The default job priority (lower runs first).
+    pub fn default_priority(&self) -> i32 {
+        self.default_priority
     }
 
     /// The schema search path, in order, after the built-in schemas.

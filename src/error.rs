@@ -185,6 +185,61 @@ pub enum JournalError {
     },
 }
 
+/// Why capture could not be enabled on a table (see `journaled::capture`). Each names the table.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CaptureError {
+    /// Capture needs PostgreSQL (statement-level triggers with transition tables).
+    #[error(
+        "capture is PostgreSQL only: SQLite has no statement-level triggers with transition tables; journal SQLite changes with tx.audit"
+    )]
+    PostgresOnly,
+    /// There is no table of that name (in the search path, when unqualified).
+    #[error("capture: there is no table {table}")]
+    NoSuchTable {
+        /// The name asked for.
+        table: String,
+    },
+    /// The name is a view, a sequence or another relation that is not a table.
+    #[error("capture: {table} is not a table (only tables can be captured)")]
+    NotATable {
+        /// The relation.
+        table: String,
+    },
+    /// The table has no primary key, so its changes would have no record id.
+    #[error("capture: table {table} has no primary key, so its changes have no record id")]
+    NoPrimaryKey {
+        /// The table.
+        table: String,
+    },
+    /// Columns named in `ignore`, `sensitive` or `changes_only_to` are not the table's.
+    #[error("capture: table {table} has no column {}", .columns.join(", "))]
+    UnknownColumns {
+        /// The table.
+        table: String,
+        /// The names it does not have.
+        columns: Vec<String>,
+    },
+    /// Neither the capture nor the configuration names a stream.
+    #[error(
+        "capture: table {table} has no stream: pass --stream (Capture::stream) or set JOURNALED_STREAM_NAME"
+    )]
+    MissingStreamName {
+        /// The table.
+        table: String,
+    },
+    /// The stream name is not a valid Kinesis stream name.
+    #[error(
+        "capture: table {table} has an invalid stream name `{stream}`: use 1 to 128 of a-z, A-Z, 0-9, _ . -"
+    )]
+    InvalidStreamName {
+        /// The table.
+        table: String,
+        /// The refused name.
+        stream: String,
+    },
+}
+
 /// Everything that can go wrong in `journaled`'s operations: the database, migrations,
 /// configuration, and (through [`Error::Journal`]) refused input.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +262,9 @@ pub enum Error {
     /// A migration could not be applied, or an applied one was changed.
     #[error("migration: {0}")]
     Migration(String),
+    /// Capture could not be enabled on a table (see [`CaptureError`]).
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
     /// A job row could not be decoded.
     #[error("job {job_id} is corrupt: {message}")]
     CorruptJob {

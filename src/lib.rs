@@ -53,12 +53,13 @@
 //! | [`schema`] | loading and compiling `journaled_schemas/*.json` once; validation |
 //! | [`context`] | task-local actor and tags, app name, commit hash |
 //! | [`audit`] | audit log and change-journaling events from before/after values |
+//! | `capture` (feature `postgres`) | database-side capture: statement-level triggers that journal every change to a table, raw SQL included, as audit log events |
 //! | [`store`] | the job table behind the [`Backend`] trait: PostgreSQL (`postgres`) and SQLite (`sqlite`), migrations |
 //! | `delivery` (feature `worker`) | the worker: claim, publish through a `Sink`, settle, retry |
 //! | `kinesis` (feature `worker`) | the Kinesis `Sink`, its client configuration, error classification, a stream reader |
 //! | `testing` (feature `testing`) | capture and match the events code journals |
 //! | `tower` (feature `tower`) | a tower layer that puts each request's actor and tags in scope |
-//! | [`Error`], [`JournalError`] | operational errors; what `journal!` refuses |
+//! | [`Error`], [`JournalError`], [`CaptureError`] | operational errors; what `journal!` refuses; why capture cannot be enabled |
 //!
 //! Dependencies run one way: transaction → event, schema, context, audit → store → error, config.
 //! The worker owns its port (`delivery::Sink`); the Kinesis adapter implements it.
@@ -69,6 +70,8 @@
 extern crate self as journaled;
 
 pub mod audit;
+#[cfg(feature = "postgres")]
+pub mod capture;
 mod config;
 pub mod context;
 #[cfg(feature = "worker")]
@@ -102,7 +105,7 @@ pub use context::{
 };
 #[cfg(feature = "worker")]
 pub use delivery::{Worker, WorkerConfig, WorkerStats};
-pub use error::{Error, JournalError, Result, Violation};
+pub use error::{CaptureError, Error, JournalError, Result, Violation};
 pub use event::checks::MAX_NESTING_DEPTH;
 pub use event::{Event, EventId, MAX_PARTITION_KEY_CHARS, RunAt, format_time};
 pub use journaled_derive::{Audited, Event};

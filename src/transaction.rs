@@ -198,8 +198,17 @@ impl<DB: Backend> Journaled<DB> {
     /// Begins a journaled transaction on a new pooled connection.
     /// On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken at once (waiting up to the
     /// busy timeout), so a read-then-write transaction never fails with "database is locked".
+    ///
+    /// With [`Config::with_capture_context`], the `BEGIN` also sets the task-local actor and
+    /// tags for capture triggers (see `journaled::capture`), in the same round trip.
     pub async fn begin(&self) -> Result<Transaction<'static, DB>, Error> {
-        Ok(self.wrap(DB::begin(&self.pool).await?))
+        let tx = if self.shared.config.capture_context {
+            let (actor, tags) = capture_context();
+            DB::begin_with_context(&self.pool, &actor, &tags).await?
+        } else {
+            DB::begin(&self.pool).await?
+        };
+        Ok(self.wrap(tx))
     }
 
     /// Makes the application's own sqlx transaction a journaled one; commit it through the
@@ -235,11 +244,18 @@ impl<DB: Backend> Journaled<DB> {
     /// Inside an outer transaction, the events are committed only when that one is, which
     /// journaled cannot see: they are not reported to [`on_enqueue`](Self::on_enqueue)
     /// subscribers or to `testing::capture`.
+    ///
+    /// With [`Config::with_capture_context`], it also sets the actor and tags for capture
+    /// triggers (one more round trip).
     pub async fn begin_on<'c>(
         &self,
         conn: &'c mut DB::Connection,
     ) -> Result<Transaction<'c, DB>, Error> {
-        let tx = sqlx::Connection::begin(conn).await?;
+        let mut tx = sqlx::Connection::begin(conn).await?;
+        if self.shared.config.capture_context {
+            let (actor, tags) = capture_context();
+            DB::set_context(&mut tx, &actor, &tags).await?;
+        }
         Ok(self.wrap(tx))
     }
 
@@ -402,6 +418,17 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         Ok(prepared.into_iter().map(|p| self.stage(p)).collect())
     }
 
+    /// Tells capture triggers (see `journaled::capture`) who acts from now on in this
+    /// transaction: the current task-local actor and tags. [`Journaled::begin`] does it with
+    /// the `BEGIN` when the configuration asks for it
+    /// ([`Config::with_capture_context`]); call this for a transaction adopted with
+    /// [`Journaled::wrap`], or after the scope's actor or tags changed. One round trip on
+    /// PostgreSQL; nothing on SQLite.
+    pub async fn set_capture_context(&mut self) -> Result<(), Error> {
+        let (actor, tags) = capture_context();
+        DB::set_context(&mut self.tx, &actor, &tags).await
+    }
+
     /// How many events are staged in this transaction (not counting open savepoints).
     pub fn staged_len(&self) -> usize {
         self.staged.events.len()
@@ -454,6 +481,10 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         }
         if staged.is_empty() {
             tx.commit().await?;
+            // Capture triggers may have written jobs: wake the workers as for staged events.
+            if report && shared.config.capture_context {
+                shared.wake();
+            }
             return Ok(());
         }
         let jobs = store::group(&staged);
@@ -475,6 +506,13 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
         self.tx.rollback().await?;
         Ok(())
     }
+}
+
+/// The actor and tags (JSON) capture triggers put in their events: the task-local ones, as
+/// `journal!` and `tx.audit` would.
+fn capture_context() -> (String, String) {
+    let tags = serde_json::to_string(&crate::context::current_tags()).expect("tags serialize");
+    (crate::context::actor_uri(), tags)
 }
 
 fn log_enqueued(jobs: &[NewJob], ids: &[store::JobId], events: &[Prepared]) {

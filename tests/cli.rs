@@ -72,7 +72,127 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
         .fetch_one(&pg.pool)
         .await
         .unwrap();
-    assert_eq!(count, 4, "every embedded migration, once");
+    assert_eq!(count, 5, "every embedded migration, once");
+}
+
+/// `journaled capture enable|list|disable` on PostgreSQL, as an operator runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_enable_list_and_disable_from_the_cli() {
+    let pg = common::TestDb::<sqlx::Postgres>::new().await;
+    let run = |args: &[&str]| {
+        let out = cli()
+            .args(args)
+            .env("DATABASE_URL", pg.url())
+            .env("JOURNALED_STREAM_NAME", "cli_stream")
+            .env_remove("JOURNALED_APP_NAME")
+            .env_remove("JOURNALED_JOB_PRIORITY")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(run(&["migrate"]).0, Some(0));
+    sqlx::raw_sql(
+        "CREATE TABLE users (id bigint PRIMARY KEY, email text, first_name text, ssn text, last_seen_at text); \
+         INSERT INTO users VALUES (1, 'a@x', 'Ada', '123-45-6789', NULL)",
+    )
+    .execute(&pg.pool)
+    .await
+    .unwrap();
+    let enable = [
+        "capture",
+        "enable",
+        "users",
+        "--ignore",
+        "last_seen_at",
+        "--sensitive",
+        "ssn",
+        "--snapshot",
+        "--changes-only-to",
+        "email,first_name",
+        "--priority",
+        "7",
+    ];
+    for _ in 0..2 {
+        let (code, stdout, stderr) = run(&enable);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            stdout.contains("capturing users into stream cli_stream (priority 7, class User)"),
+            "{stdout}"
+        );
+    }
+    let (code, stdout, _) = run(&["capture", "list"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.contains("users  stream cli_stream  priority 7  class User  ignore last_seen_at,created_at,updated_at  sensitive ssn  changes only to email,first_name  snapshot"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(&["capture", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed[0]["table"], "users");
+    assert_eq!(listed[0]["installed"], true);
+
+    sqlx::raw_sql(
+        "UPDATE users SET first_name = 'Augusta', ssn = '987-65-4321', last_seen_at = 'now'",
+    )
+    .execute(&pg.pool)
+    .await
+    .unwrap();
+    let (priority, records): (i32, String) =
+        sqlx::query_as("SELECT priority, records FROM journaled.jobs")
+            .fetch_one(&pg.pool)
+            .await
+            .unwrap();
+    assert_eq!(priority, 7);
+    let records: serde_json::Value = serde_json::from_str(&records).unwrap();
+    let event = &records[0]["data"];
+    assert_eq!(records[0]["stream"], "cli_stream");
+    assert_eq!(
+        event["changes"],
+        serde_json::json!({"first_name": ["Ada", "Augusta"]})
+    );
+    assert_eq!(event["snapshot"]["ssn"], "[FILTERED]");
+    let database = pg.url().rsplit('/').next().unwrap().to_owned();
+    assert_eq!(event["actor"], format!("gid://{database}/db/postgres"));
+
+    let (code, stdout, _) = run(&["capture", "disable", "users"]);
+    assert_eq!(
+        (code, stdout.trim()),
+        (Some(0), "journaled: capture disabled on users")
+    );
+    let (_, stdout, _) = run(&["capture", "disable", "users"]);
+    assert_eq!(stdout.trim(), "journaled: users was not under capture");
+    let (_, stdout, _) = run(&["capture", "list"]);
+    assert_eq!(stdout.trim(), "no table is under capture");
+
+    let (code, _, stderr) = run(&["capture", "enable", "nope"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr.trim(), "journaled: capture: there is no table nope");
+    let (code, _, stderr) = run(&["capture", "enable", "users", "--ignore", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("table users has no column nope"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn capture_is_postgresql_only() {
+    let out = cli()
+        .args(["capture", "enable", "users"])
+        .env("DATABASE_URL", "sqlite://nowhere.db")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("capture is PostgreSQL only") && stderr.contains("tx.audit"),
+        "{stderr}"
+    );
 }
 
 /// On a database nobody migrated, every command but `migrate` says in one line to run

@@ -760,6 +760,7 @@ async fn migration_tracking_tables_are_journaleds_own() {
     assert_eq!(
         tables,
         [
+            "journaled.captures",
             "journaled.jobs",
             "journaled.receipts",
             "journaled.schema_migrations"

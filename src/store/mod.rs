@@ -6,9 +6,9 @@
 //! never as `jsonb`, so the bytes read back are the bytes validated (invariant 3).
 
 /// Implements [`Backend`] for a database by boxing the free functions of the same names in the
-/// module where it is invoked (`insert_jobs`, `migrate`, `jobs`, `claim`, `complete`,
-/// `reschedule`, `release`, `status`, `retry`, `wake_on_insert`): each backend module holds
-/// only its SQL.
+/// module where it is invoked (`insert_jobs`, `migrate`, `jobs`, `claim`, `begin`,
+/// `begin_with_context`, `set_context`, `announce`, `complete`, `reschedule`, `release`,
+/// `status`, `retry`, `wake_on_insert`): each backend module holds only its SQL.
 macro_rules! impl_backend {
     ($db:ty, $conn:ty, $pool:ty) => {
         impl $crate::store::Backend for $db {
@@ -42,6 +42,21 @@ macro_rules! impl_backend {
             ) -> $crate::store::BoxFuture<'_, Result<sqlx::Transaction<'static, $db>, $crate::Error>>
             {
                 Box::pin(begin(pool))
+            }
+            fn begin_with_context<'a>(
+                pool: &'a $pool,
+                actor: &'a str,
+                tags: &'a str,
+            ) -> $crate::store::BoxFuture<'a, Result<sqlx::Transaction<'static, $db>, $crate::Error>>
+            {
+                Box::pin(begin_with_context(pool, actor, tags))
+            }
+            fn set_context<'c>(
+                conn: &'c mut $conn,
+                actor: &'c str,
+                tags: &'c str,
+            ) -> $crate::store::BoxFuture<'c, Result<(), $crate::Error>> {
+                Box::pin(set_context(conn, actor, tags))
             }
             fn announce(
                 pool: &$pool,
@@ -142,6 +157,7 @@ pub(crate) fn db_error(error: sqlx::Error) -> Error {
     if let sqlx::Error::Database(db) = &error {
         let message = db.message();
         let missing = message.contains("journaled.jobs")
+            || message.contains("journaled.captures")
             || message.contains("\"journaled\"")
             || message.contains("\"jobs\"")
             || message.contains("no such table: journaled_");
@@ -439,6 +455,25 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 
     /// Delivered counts and latencies over the receipts kept.
     fn receipt_stats(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<ReceiptStats, Error>>;
+
+    /// Begins like [`begin`](Self::begin), and tells capture triggers who acts: the
+    /// transaction-local settings `journaled.actor` and `journaled.tags` (JSON), sent with the
+    /// `BEGIN` in the same round trip (PostgreSQL). Where there is no capture (SQLite), a plain
+    /// `begin`.
+    #[doc(hidden)]
+    fn begin_with_context<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        actor: &'a str,
+        tags: &'a str,
+    ) -> BoxFuture<'a, Result<sqlx::Transaction<'static, Self>, Error>>;
+
+    /// Sets those settings in the transaction open on `conn`; a no-op where there is no capture.
+    #[doc(hidden)]
+    fn set_context<'c>(
+        conn: &'c mut Self::Connection,
+        actor: &'c str,
+        tags: &'c str,
+    ) -> BoxFuture<'c, Result<(), Error>>;
 
     /// Tells workers in other processes that jobs were committed, outside any application
     /// transaction (PostgreSQL: one `NOTIFY`); `None` where the backend cannot (SQLite).

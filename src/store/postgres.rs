@@ -31,6 +31,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/postgres/0002_ready_queue.sql"),
     },
     Migration {
+        version: 3,
+        description: "capture: statement-level audit triggers",
+        sql: include_str!("../../migrations/postgres/0003_capture.sql"),
+    },
+    Migration {
         version: 4,
         description: "delivery receipts",
         sql: include_str!("../../migrations/postgres/0004_receipts.sql"),
@@ -95,6 +100,43 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
 
 async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
     Ok(pool.begin().await?)
+}
+
+/// `text` as a dollar-quoted SQL string, with a tag that does not occur in it: literal
+/// whatever `standard_conforming_strings` says.
+fn dollar_quoted(text: &str) -> String {
+    let tag = (0..)
+        .map(|n| format!("$j{n}$"))
+        .find(|tag| !text.contains(tag.as_str()))
+        .expect("some tag is free");
+    format!("{tag}{text}{tag}")
+}
+
+/// `BEGIN` and the capture context in one simple query, so one round trip (no bind parameters
+/// are allowed there, hence the quoting); `SET LOCAL` is a utility statement, not planned.
+#[tracing::instrument(name = "journaled.begin", skip_all, err)]
+async fn begin_with_context(
+    pool: &PgPool,
+    actor: &str,
+    tags: &str,
+) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
+    let begin = format!(
+        "BEGIN; SET LOCAL journaled.actor = {}; SET LOCAL journaled.tags = {}",
+        dollar_quoted(actor),
+        dollar_quoted(tags)
+    );
+    Ok(pool.begin_with(sqlx::AssertSqlSafe(begin)).await?)
+}
+
+async fn set_context(conn: &mut PgConnection, actor: &str, tags: &str) -> Result<(), Error> {
+    sqlx::query(
+        "SELECT set_config('journaled.actor', $1, true), set_config('journaled.tags', $2, true)",
+    )
+    .bind(actor)
+    .bind(tags)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// One `NOTIFY`, in its own short transaction on a pooled connection: never inside an
@@ -528,3 +570,18 @@ async fn receipt_stats(pool: &PgPool) -> Result<ReceiptStats, Error> {
 }
 
 impl_backend!(Postgres, PgConnection, PgPool);
+
+#[cfg(test)]
+mod tests {
+    use super::dollar_quoted;
+
+    #[test]
+    fn dollar_quotes_pick_a_tag_the_text_lacks() {
+        assert_eq!(
+            dollar_quoted("gid://app/User/1"),
+            "$j0$gid://app/User/1$j0$"
+        );
+        assert_eq!(dollar_quoted("a$j0$b"), "$j1$a$j0$b$j1$");
+        assert_eq!(dollar_quoted("it's"), "$j0$it's$j0$");
+    }
+}

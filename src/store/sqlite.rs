@@ -98,6 +98,19 @@ async fn begin(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, Sqlite>, 
     Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
 }
 
+/// SQLite has no capture triggers, so nothing reads who acts: a plain `begin`.
+async fn begin_with_context(
+    pool: &SqlitePool,
+    _actor: &str,
+    _tags: &str,
+) -> Result<sqlx::Transaction<'static, Sqlite>, Error> {
+    begin(pool).await
+}
+
+async fn set_context(_conn: &mut SqliteConnection, _actor: &str, _tags: &str) -> Result<(), Error> {
+    Ok(())
+}
+
 /// SQLite has no notifications: workers in other processes poll.
 fn announce(_pool: &SqlitePool) -> Option<BoxFuture<'_, Result<(), Error>>> {
     None

@@ -67,6 +67,13 @@ pub enum Command {
         #[command(flatten)]
         aws: AwsArgs,
     },
+    /// Capture every change to a table, raw SQL and bulk statements included, as audit log
+    /// events (PostgreSQL).
+    Capture {
+        /// What to do.
+        #[command(subcommand)]
+        command: CaptureCommand,
+    },
     /// Print a stream's records as JSON lines, from the oldest (default) or from now.
     Tail {
         /// The stream to read (default JOURNALED_STREAM_NAME).
@@ -262,4 +269,60 @@ pub enum SchemasCommand {
         #[arg(long = "path", value_name = "DIR")]
         paths: Vec<PathBuf>,
     },
+}
+
+/// `journaled capture …`
+#[derive(Debug, Subcommand)]
+pub enum CaptureCommand {
+    /// Install capture on a table (or update its options): statement-level triggers that
+    /// journal every INSERT, UPDATE, DELETE and TRUNCATE in the writer's transaction.
+    Enable(Box<CaptureEnableArgs>),
+    /// Remove capture from a table: its triggers and its registration.
+    Disable {
+        /// The table (`users`, `app.users`).
+        table: String,
+    },
+    /// List the tables under capture.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `journaled capture enable` settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaptureEnableArgs {
+    /// The table (`users`, `app.users`).
+    pub table: String,
+    /// Columns whose changes are not journaled (besides created_at and updated_at).
+    #[arg(long, value_delimiter = ',', value_name = "COLUMNS")]
+    pub ignore: Vec<String>,
+    /// Columns whose values are always filtered (besides the sensitive names, `_crypt` and `_hmac`).
+    #[arg(long, value_delimiter = ',', value_name = "COLUMNS")]
+    pub sensitive: Vec<String>,
+    /// Journal changes to these columns only.
+    #[arg(long, value_delimiter = ',', value_name = "COLUMNS")]
+    pub changes_only_to: Option<Vec<String>>,
+    /// Every event carries a snapshot of the row.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// The stream (default JOURNALED_STREAM_NAME).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_STREAM_NAME")]
+    pub stream: Option<String>,
+    /// The jobs' priority, lower runs first (default JOURNALED_JOB_PRIORITY, else 20).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "JOURNALED_JOB_PRIORITY",
+        allow_negative_numbers = true
+    )]
+    pub priority: Option<i32>,
+    /// The events' class_name (default: the table name in CamelCase, without its final s).
+    #[arg(long)]
+    pub class_name: Option<String>,
+    /// The app in the actor of writes made outside journaled, gid://<app>/db/<user>
+    /// (default JOURNALED_APP_NAME, else the database's name).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_APP_NAME")]
+    pub app_name: Option<String>,
 }

@@ -4,14 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use journaled::capture::{self, Capture};
 use journaled::delivery::Worker;
 use journaled::kinesis::{KinesisSink, ReadRecord, StartAt, StreamReader};
 use journaled::schema::SchemaRegistry;
 use journaled::store::JobId;
 use journaled::store::{Receipt, Trace};
-use journaled::{Config, Error};
+use journaled::{CaptureError, Config, Error};
 
-use crate::args::{Cli, Command, SchemasCommand, WorkerArgs};
+use crate::args::{CaptureCommand, CaptureEnableArgs, Cli, Command, SchemasCommand, WorkerArgs};
 use crate::db::DbPool;
 use crate::out::{self, PipeClosed};
 
@@ -56,6 +57,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
             Ok(check_schemas(roots)?)
         }
         Command::Worker(args) => Ok(run_worker(&cli.database_url, &args).await?),
+        Command::Capture { command } => Ok(run_capture(&cli.database_url, command).await?),
         Command::Status { json } => {
             let pool = DbPool::connect(&cli.database_url, false).await?;
             let status = match &pool {
@@ -313,6 +315,106 @@ async fn run_worker(database_url: &str, args: &WorkerArgs) -> Result<ExitCode, E
         DbPool::Sqlite(pool) => Worker::new(pool, sink, config)?.run(shutdown).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_capture(database_url: &str, command: CaptureCommand) -> Result<ExitCode, Error> {
+    if database_url.starts_with("sqlite:") {
+        return Err(CaptureError::PostgresOnly.into());
+    }
+    let DbPool::Postgres(pool) = DbPool::connect(database_url, false).await? else {
+        return Err(CaptureError::PostgresOnly.into());
+    };
+    let mut conn = pool.acquire().await?;
+    match command {
+        CaptureCommand::Enable(args) => {
+            let capture = capture_of(&args, &mut conn).await?;
+            let info = capture::enable(&mut conn, &Config::from_env()?, &capture).await?;
+            println!(
+                "journaled: capturing {} into stream {} (priority {}, class {})",
+                info.table, info.stream, info.priority, info.class_name
+            );
+        }
+        CaptureCommand::Disable { table } => {
+            if capture::disable(&mut conn, &table).await? {
+                println!("journaled: capture disabled on {table}");
+            } else {
+                println!("journaled: {table} was not under capture");
+            }
+        }
+        CaptureCommand::List { json } => {
+            let captures = capture::list(&mut conn).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&captures).expect("captures serialize")
+                );
+            } else if captures.is_empty() {
+                println!("no table is under capture");
+            } else {
+                for c in &captures {
+                    let mut line = format!(
+                        "{}  stream {}  priority {}  class {}  ignore {}",
+                        c.table,
+                        c.stream,
+                        c.priority,
+                        c.class_name,
+                        c.ignore.join(",")
+                    );
+                    if !c.sensitive.is_empty() {
+                        line.push_str(&format!("  sensitive {}", c.sensitive.join(",")));
+                    }
+                    if let Some(only) = &c.changes_only_to {
+                        line.push_str(&format!("  changes only to {}", only.join(",")));
+                    }
+                    if c.snapshot {
+                        line.push_str("  snapshot");
+                    }
+                    if !c.installed {
+                        line.push_str("  NOT INSTALLED (its triggers are gone: enable it again)");
+                    } else if !c.current {
+                        line.push_str(
+                            "  stale (the table changed since: enable it again for the fast path)",
+                        );
+                    }
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn capture_of(
+    args: &CaptureEnableArgs,
+    conn: &mut sqlx::PgConnection,
+) -> Result<Capture, Error> {
+    let mut capture = Capture::table(&args.table)
+        .ignore(&args.ignore)
+        .sensitive(&args.sensitive);
+    if let Some(columns) = &args.changes_only_to {
+        capture = capture.changes_only_to(columns);
+    }
+    if args.snapshot {
+        capture = capture.with_snapshot();
+    }
+    if let Some(stream) = &args.stream {
+        capture = capture.stream(stream);
+    }
+    if let Some(priority) = args.priority {
+        capture = capture.priority(priority);
+    }
+    if let Some(class_name) = &args.class_name {
+        capture = capture.class_name(class_name);
+    }
+    let app_name = match args.app_name.clone().filter(|a| !a.is_empty()) {
+        Some(app_name) => app_name,
+        None => {
+            sqlx::query_scalar("SELECT current_database()::text")
+                .fetch_one(conn)
+                .await?
+        }
+    };
+    Ok(capture.app_name(app_name))
 }
 
 /// Completes on SIGTERM or SIGINT.
