@@ -2,6 +2,7 @@
 //! and retry the rest with backoff. No row lock or transaction is held across a network call.
 
 mod config;
+mod keyed;
 pub mod metrics;
 mod publish;
 mod sink;
@@ -289,12 +290,14 @@ async fn deliver<DB: Backend>(
 ) {
     let config = &shared.config;
     let jobs: Vec<JobState> = claimed.into_iter().map(JobState::decode).collect();
-    let requests = publish::chunk(
+    // A key's records are never in two requests sent at once (see `keyed`).
+    let lanes = keyed::lanes(
         &jobs,
         config.max_records_per_request,
         config.max_request_bytes,
     );
-    let span = tracing::debug_span!("publish", owner = %owner, jobs = jobs.len(), requests = requests.len());
+    let requests: usize = lanes.iter().map(Vec::len).sum();
+    let span = tracing::debug_span!("publish", owner = %owner, jobs = jobs.len(), requests);
     // At most REQUESTS_PER_BATCH requests in flight, and nothing past the publish deadline
     // (well within the lease): records whose request did not complete stay "not attempted"
     // and are retried.
@@ -302,13 +305,12 @@ async fn deliver<DB: Backend>(
     let mut results = Vec::new();
     {
         use futures_util::StreamExt;
-        let sends: Vec<_> = requests
-            .into_iter()
-            .map(|(stream, slots)| {
-                publish::send(shared.sink.as_ref(), &shared.metrics, stream, slots, &jobs)
-            })
-            .collect();
-        let mut sends = futures_util::stream::iter(sends).buffer_unordered(REQUESTS_PER_BATCH);
+        let (sink, metrics, jobs) = (shared.sink.as_ref(), &*shared.metrics, &jobs);
+        let mut streams = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            streams.push(keyed::send_lane(sink, metrics, lane, jobs));
+        }
+        let mut sends = futures_util::stream::iter(streams).flatten_unordered(REQUESTS_PER_BATCH);
         async {
             loop {
                 match tokio::time::timeout_at(deadline, sends.next()).await {
