@@ -44,6 +44,7 @@ pub struct Config {
     pub(crate) snapshot_on_deletion: bool,
     pub(crate) notify: bool,
     pub(crate) notify_interval: std::time::Duration,
+    pub(crate) ordered_streams: Vec<String>,
 }
 
 impl Default for Config {
@@ -67,6 +68,7 @@ impl Default for Config {
             snapshot_on_deletion: false,
             notify: true,
             notify_interval: DEFAULT_NOTIFY_INTERVAL,
+            ordered_streams: Vec::new(),
         }
     }
 }
@@ -85,6 +87,18 @@ pub(crate) fn parse_bool(value: &str) -> Option<bool> {
 }
 
 impl Config {
+    /// Delivers every event of `stream` in commit order per partition key, as if each event
+    /// type were `#[journaled(ordered)]` (see the README's "Ordering" section).
+    pub fn with_ordered_stream(mut self, stream: impl Into<String>) -> Self {
+        self.ordered_streams.push(stream.into());
+        self
+    }
+
+    /// Whether events of `stream` are ordered whatever their type.
+    pub(crate) fn is_ordered_stream(&self, stream: &str) -> bool {
+        self.ordered_streams.iter().any(|s| s == stream)
+    }
+
     /// Reads `JOURNALED_STREAM_NAME`, `JOURNALED_APP_NAME`, `JOURNALED_SCHEMA_PATH` (a
     /// `:`-separated list of folders, first match wins), `JOURNALED_JOB_PRIORITY` and
     /// `JOURNALED_ENABLED`, `JOURNALED_FILTER_PARAMETERS` (comma-separated sensitive names),

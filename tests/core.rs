@@ -757,5 +757,13 @@ async fn migration_tracking_tables_are_journaleds_own() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(tables, ["journaled.jobs", "journaled.schema_migrations"]);
+    assert_eq!(
+        tables,
+        [
+            "journaled.jobs",
+            "journaled.key_sequences",
+            "journaled.receipts",
+            "journaled.schema_migrations"
+        ]
+    );
 }

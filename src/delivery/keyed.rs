@@ -118,12 +118,10 @@ mod tests {
             .iter()
             .map(|(_, _, n)| format!("\"{}\"", "x".repeat(*n)))
             .collect();
-        let encoded = encode_parts(
-            records
-                .iter()
-                .zip(&data)
-                .map(|((stream, key, _), data)| (EventId::new(), *stream, *key, data.as_str())),
-        );
+        let encoded =
+            encode_parts(records.iter().zip(&data).map(|((stream, key, _), data)| {
+                (EventId::new(), *stream, *key, data.as_str(), None)
+            }));
         JobState::decode(Claimed {
             id: JobId(1),
             priority: 20,

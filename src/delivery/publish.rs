@@ -270,7 +270,7 @@ mod tests {
                 .iter()
                 .zip(&data)
                 .zip(&ids)
-                .map(|(((stream, _), data), id)| (*id, *stream, "k", data.as_str())),
+                .map(|(((stream, _), data), id)| (*id, *stream, "k", data.as_str(), None)),
         );
         let mut state = JobState::decode(Claimed {
             id: JobId(1),

@@ -19,6 +19,12 @@ macro_rules! impl_backend {
             {
                 Box::pin(insert_jobs(conn, jobs))
             }
+            fn take_sequences<'c>(
+                conn: &'c mut $conn,
+                keys: &'c [(String, String, i64)],
+            ) -> $crate::store::BoxFuture<'c, Result<Vec<i64>, $crate::Error>> {
+                Box::pin(take_sequences(conn, keys))
+            }
             fn migrate(pool: &$pool) -> $crate::store::BoxFuture<'_, Result<(), $crate::Error>> {
                 Box::pin(migrate(pool))
             }
@@ -389,6 +395,14 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         jobs: &'c [NewJob],
     ) -> BoxFuture<'c, Result<Vec<JobId>, Error>>;
 
+    /// Takes `count` sequences for each (stream, partition key, count), in the caller's
+    /// transaction, in one statement (keys in the order given: sort them, so that writers
+    /// lock keys in one order); returns the last sequence taken for each, in order.
+    fn take_sequences<'c>(
+        conn: &'c mut Self::Connection,
+        keys: &'c [(String, String, i64)],
+    ) -> BoxFuture<'c, Result<Vec<i64>, Error>>;
+
     /// Creates or updates journaled's tables; running it again is a no-op.
     fn migrate(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<(), Error>>;
 
@@ -482,4 +496,26 @@ pub async fn status<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<Status, Error>
 /// how many jobs changed.
 pub async fn retry<DB: Backend>(pool: &sqlx::Pool<DB>, job: Option<JobId>) -> Result<u64, Error> {
     DB::retry(pool, job).await
+}
+
+/// The last sequence of each key of `keys`, in order, from the rows an upsert returned.
+pub(crate) fn in_order(
+    keys: &[(String, String, i64)],
+    rows: Vec<(String, String, i64)>,
+) -> Result<Vec<i64>, Error> {
+    let last: std::collections::HashMap<(String, String), i64> = rows
+        .into_iter()
+        .map(|(stream, key, seq)| ((stream, key), seq))
+        .collect();
+    keys.iter()
+        .map(|(stream, key, _)| {
+            last.get(&(stream.clone(), key.clone()))
+                .copied()
+                .ok_or_else(|| {
+                    Error::Database(sqlx::Error::Protocol(format!(
+                        "no sequence returned for {stream}/{key}"
+                    )))
+                })
+        })
+        .collect()
 }

@@ -35,6 +35,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         description: "delivery receipts",
         sql: include_str!("../../migrations/postgres/0004_receipts.sql"),
     },
+    Migration {
+        version: 5,
+        description: "ordered keys' sequences",
+        sql: include_str!("../../migrations/postgres/0005_key_sequences.sql"),
+    },
 ];
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
@@ -86,6 +91,31 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     .await
     .map_err(db_error)?;
     Ok(ids.into_iter().map(JobId).collect())
+}
+
+#[tracing::instrument(name = "journaled.take_sequences", skip_all, fields(keys = keys.len()), err)]
+async fn take_sequences(
+    conn: &mut PgConnection,
+    keys: &[(String, String, i64)],
+) -> Result<Vec<i64>, Error> {
+    let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
+    // Rows are upserted (and locked) in the order given.
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
+         SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
+         ORDER BY o \
+         ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
+         RETURNING stream, partition_key, seq",
+    )
+    .bind(&streams)
+    .bind(&partition_keys)
+    .bind(&counts)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)?;
+    super::in_order(keys, rows)
 }
 
 async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Error> {

@@ -29,6 +29,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         description: "delivery receipts",
         sql: include_str!("../../migrations/sqlite/0004_receipts.sql"),
     },
+    Migration {
+        version: 5,
+        description: "ordered keys' sequences",
+        sql: include_str!("../../migrations/sqlite/0005_key_sequences.sql"),
+    },
 ];
 
 /// The database's clock in Unix milliseconds, as SQL: every due time is computed with it,
@@ -47,6 +52,28 @@ pub(crate) fn to_millis(at: OffsetDateTime) -> i64 {
 pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, Error> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map_err(|e| Error::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+#[tracing::instrument(name = "journaled.take_sequences", skip_all, fields(keys = keys.len()), err)]
+async fn take_sequences(
+    conn: &mut SqliteConnection,
+    keys: &[(String, String, i64)],
+) -> Result<Vec<i64>, Error> {
+    let mut rows = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(INSERT_ROWS) {
+        let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO journaled_key_sequences (stream, partition_key, seq) VALUES {values} \
+             ON CONFLICT (stream, partition_key) DO UPDATE SET seq = seq + excluded.seq \
+             RETURNING stream, partition_key, seq"
+        );
+        let mut query = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql));
+        for (stream, key, count) in chunk {
+            query = query.bind(stream).bind(key).bind(count);
+        }
+        rows.extend(query.fetch_all(&mut *conn).await.map_err(db_error)?);
+    }
+    super::in_order(keys, rows)
 }
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
