@@ -179,6 +179,14 @@ pub enum Error {
         /// What could not be decoded.
         message: String,
     },
+    /// `journaled retry --key` / `skip --key` named a key that is not parked.
+    #[error("{stream}/{partition_key} is not parked (see `journaled status`)")]
+    NotParked {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+    },
     /// The database returned an error.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

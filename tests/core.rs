@@ -761,6 +761,7 @@ async fn migration_tracking_tables_are_journaleds_own() {
         tables,
         [
             "journaled.jobs",
+            "journaled.key_delivery",
             "journaled.key_sequences",
             "journaled.receipts",
             "journaled.schema_migrations"

@@ -4,9 +4,13 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use common::{AppSql, TestDb, test_config};
-use journaled::{Backend, JournalError, Journaled, journal};
+use common::kinesis::{Emulator, FaultProxy, Kind, kinesis_config};
+use common::{AppSql, TestDb, test_config, wait_until};
+use journaled::kinesis::KinesisSink;
+use journaled::{Backend, Error, JournalError, Journaled, Worker, WorkerConfig, journal};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -26,6 +30,15 @@ struct Plain {
     #[journaled(partition_key)]
     account: String,
     n: i64,
+}
+
+/// An ordered event whose size the test chooses.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", ordered)]
+struct OrderedBlob {
+    #[journaled(partition_key)]
+    account: String,
+    blob: String,
 }
 
 /// An ordered event may not carry its own `sequence`.
@@ -176,7 +189,218 @@ async fn an_ordered_stream_orders_every_event_type<DB: Backend + AppSql>(db: &Te
     );
 }
 
+fn worker_config() -> WorkerConfig {
+    WorkerConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
+        .with_lease(Duration::from_secs(10))
+        .with_backoff_base(Duration::from_millis(20))
+        .with_backoff_max(Duration::from_millis(300))
+        .with_configuration_backoff(Duration::from_millis(200))
+        .with_shutdown_timeout(Duration::from_secs(5))
+}
+
+/// A worker running until the returned sender is dropped or fires.
+async fn spawn_worker<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    endpoint: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), Error>>,
+) {
+    let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
+    let worker = Worker::new(pool.clone(), sink, worker_config()).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = rx.await;
+    }));
+    (tx, handle)
+}
+
+/// Per partition key, the sequences in the order they first appear in the stream.
+async fn first_appearances(emulator: &Emulator, stream: &str) -> BTreeMap<String, Vec<i64>> {
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for record in emulator.read(stream).await {
+        let value: Value = serde_json::from_slice(&record.data).unwrap();
+        let seq = value["sequence"].as_i64().expect("an ordered record");
+        let seen = out.entry(record.partition_key).or_default();
+        if !seen.contains(&seq) {
+            seen.push(seq);
+        }
+    }
+    out
+}
+
+/// Key `a`'s second record is refused for good (over the emulator's 1 MiB): `a` parks with the
+/// reason, its later records wait, key `b` flows in order. `skip --key` dead-letters the
+/// refused record and `a`'s later records follow, in order. Unknown keys and bad key syntax
+/// are errors.
+async fn a_refused_record_parks_only_its_key<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    db.migrated().await;
+    let journaled = db.journaled(test_config().with_max_record_size(2 * 1024 * 1024));
+    let small = |account: &str| OrderedBlob {
+        account: account.into(),
+        blob: "x".into(),
+    };
+    for t in 0..4 {
+        let mut tx = journaled.begin().await.unwrap();
+        if t == 1 {
+            journal!(
+                tx,
+                OrderedBlob {
+                    account: "a".into(),
+                    blob: "x".repeat(1024 * 1024 + 10)
+                }
+            )
+            .unwrap();
+        } else {
+            journal!(tx, small("a")).unwrap();
+        }
+        journal!(tx, small("b")).unwrap();
+        journal!(tx, small("b")).unwrap();
+        tx.commit().await.unwrap();
+    }
+    let (stop, handle) = spawn_worker(&db.pool, &emulator.endpoint()).await;
+    wait_until(60, "a is parked and b is delivered", || async {
+        let parked = journaled::store::ordering::parked_keys(&db.pool)
+            .await
+            .unwrap();
+        let seen = first_appearances(&emulator, "test_stream").await;
+        parked.len() == 1 && seen.get("b").map_or(0, Vec::len) == 8
+    })
+    .await;
+    let parked = journaled::store::ordering::parked_keys(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            parked[0].stream.as_str(),
+            parked[0].partition_key.as_str(),
+            parked[0].sequence
+        ),
+        ("test_stream", "a", 2)
+    );
+    assert!(
+        parked[0].reason.contains("ValidationException"),
+        "{}",
+        parked[0].reason
+    );
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    assert_eq!(status.parked_keys, 1);
+    let seen = first_appearances(&emulator, "test_stream").await;
+    assert_eq!(seen["a"], [1], "a's later records wait");
+    assert_eq!(seen["b"], (1..=8).collect::<Vec<_>>());
+
+    // Error paths: a key that is not parked, a key without a stream.
+    let err = journaled::store::ordering::skip_key(&db.pool, "test_stream", "b")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotParked { .. }), "{err}");
+    assert!(
+        err.to_string().contains("test_stream/b is not parked"),
+        "{err}"
+    );
+    for bad in ["no-slash", "/key", "stream/"] {
+        let err = journaled::store::ordering::parse_key(bad).unwrap_err();
+        assert!(err.to_string().contains("STREAM/KEY"), "{err}");
+    }
+    assert_eq!(
+        journaled::store::ordering::parse_key("s/a/b").unwrap(),
+        ("s".to_owned(), "a/b".to_owned())
+    );
+
+    let skipped = journaled::store::ordering::skip_key(&db.pool, "test_stream", "a")
+        .await
+        .unwrap();
+    assert_eq!(skipped.sequence, 2);
+    wait_until(60, "a's later records are delivered", || async {
+        let seen = first_appearances(&emulator, "test_stream").await;
+        seen["a"].len() == 3
+    })
+    .await;
+    assert_eq!(
+        first_appearances(&emulator, "test_stream").await["a"],
+        [1, 3, 4]
+    );
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    // The refused record stays dead-lettered with its reason; nothing else is left.
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].dead_at.is_some());
+    assert!(
+        journaled::store::ordering::parked_keys(&db.pool)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Concurrent writers of one hot key (and a key each), two workers delivering while they
+/// write, through a proxy that throttles records: per key, the sequences first appear in the
+/// stream in increasing order with no gap.
+async fn commit_order_per_key_survives_concurrency_and_throttling<DB: Backend + AppSql>(
+    db: &TestDb<DB>,
+) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 2).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    proxy.faults.throttle_every.store(2, Ordering::SeqCst);
+    proxy.faults.throttle_requests.store(30, Ordering::SeqCst);
+    let journaled = db.migrated().await;
+    let one = spawn_worker(&db.pool, &proxy.endpoint()).await;
+    let two = spawn_worker(&db.pool, &proxy.endpoint()).await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let journaled = journaled.clone();
+        writers.push(tokio::spawn(async move {
+            for t in 0..15 {
+                let mut tx = journaled.begin().await.unwrap();
+                for _ in 0..2 {
+                    journal!(
+                        tx,
+                        Ordered {
+                            account: "hot".into(),
+                            n: w * 100 + t
+                        }
+                    )
+                    .unwrap();
+                }
+                journal!(
+                    tx,
+                    Ordered {
+                        account: format!("w{w}"),
+                        n: t
+                    }
+                )
+                .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    wait_until(90, "every job is delivered", || async {
+        journaled.jobs().await.unwrap().is_empty()
+    })
+    .await;
+    for (stop, handle) in [one, two] {
+        let _ = stop.send(());
+        handle.await.unwrap().unwrap();
+    }
+    assert!(proxy.faults.throttled_records.load(Ordering::SeqCst) > 0);
+    let seen = first_appearances(&emulator, "test_stream").await;
+    assert_eq!(seen["hot"], (1..=120).collect::<Vec<_>>());
+    for w in 0..4 {
+        assert_eq!(seen[&format!("w{w}")], (1..=15).collect::<Vec<_>>());
+    }
+}
+
 on_both_backends!(
     sequences_are_gap_free_and_follow_journal_order,
     an_ordered_stream_orders_every_event_type,
+    a_refused_record_parks_only_its_key,
+    commit_order_per_key_survives_concurrency_and_throttling,
 );

@@ -35,6 +35,9 @@ pub(crate) fn lanes(jobs: &[JobState], max_records: usize, max_bytes: usize) -> 
     for (j, job) in jobs.iter().enumerate() {
         let Ok(records) = &job.records else { continue };
         for (r, record) in records.iter().enumerate() {
+            if record.sequence.is_some() {
+                continue; // ordered: sent in rounds (see `ordered`)
+            }
             let (index, runs) = by_stream.entry(record.stream.as_str()).or_default();
             let at = *index
                 .entry(record.partition_key.as_str())

@@ -4,6 +4,7 @@
 mod config;
 mod keyed;
 pub mod metrics;
+mod ordered;
 mod publish;
 mod sink;
 
@@ -311,7 +312,7 @@ async fn deliver<DB: Backend>(
             streams.push(keyed::send_lane(sink, metrics, lane, jobs));
         }
         let mut sends = futures_util::stream::iter(streams).flatten_unordered(REQUESTS_PER_BATCH);
-        async {
+        let unordered = async {
             loop {
                 match tokio::time::timeout_at(deadline, sends.next()).await {
                     Ok(Some(done)) => results.push(done),
@@ -324,9 +325,13 @@ async fn deliver<DB: Backend>(
                     }
                 }
             }
-        }
-        .instrument(span)
-        .await;
+        };
+        // Ordered records go in rounds beside the rest (see `ordered`).
+        let ordered = ordered::deliver::<DB>(&shared.pool, sink, metrics, jobs, config, deadline);
+        let ((), ordered) = async { tokio::join!(unordered, ordered) }
+            .instrument(span)
+            .await;
+        results.push(ordered);
     }
     let mut jobs = jobs;
     for ((j, r), outcome) in results.into_iter().flatten() {
@@ -421,7 +426,8 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
             continue;
         }
         stats.failed_records.fetch_add(failed, Ordering::Relaxed);
-        let update = publish::reschedule(job, &shared.config);
+        let update = ordered::reschedule(job, &shared.config)
+            .unwrap_or_else(|| publish::reschedule(job, &shared.config));
         let configuration = job
             .outcomes
             .iter()
