@@ -310,6 +310,22 @@ async fn a_refused_record_parks_only_its_key<DB: Backend + AppSql>(db: &TestDb<D
         ("s".to_owned(), "a/b".to_owned())
     );
 
+    // `retry --key`: the refused record is sent again (and refused again: the key parks again
+    // at the same record, with nothing of `a` delivered meanwhile).
+    let retried = journaled::store::ordering::retry_key(&db.pool, "test_stream", "a")
+        .await
+        .unwrap();
+    assert_eq!(retried.sequence, 2);
+    wait_until(60, "a is parked again", || async {
+        let jobs = journaled.jobs().await.unwrap();
+        let parked = journaled::store::ordering::parked_keys(&db.pool)
+            .await
+            .unwrap();
+        parked.len() == 1 && jobs.iter().any(|j| j.dead_at.is_some() && j.attempts == 1)
+    })
+    .await;
+    assert_eq!(first_appearances(&emulator, "test_stream").await["a"], [1]);
+
     let skipped = journaled::store::ordering::skip_key(&db.pool, "test_stream", "a")
         .await
         .unwrap();
@@ -338,8 +354,9 @@ async fn a_refused_record_parks_only_its_key<DB: Backend + AppSql>(db: &TestDb<D
 }
 
 /// Concurrent writers of one hot key (and a key each), two workers delivering while they
-/// write, through a proxy that throttles records: per key, the sequences first appear in the
-/// stream in increasing order with no gap.
+/// write, through a proxy that fails requests: per key, the sequences first appear in the
+/// stream in increasing order with no gap, through throttled records, server errors, resets and
+/// timeouts.
 async fn commit_order_per_key_survives_concurrency_and_throttling<DB: Backend + AppSql>(
     db: &TestDb<DB>,
 ) {
@@ -348,6 +365,11 @@ async fn commit_order_per_key_survives_concurrency_and_throttling<DB: Backend + 
     let proxy = FaultProxy::start(emulator.port).await;
     proxy.faults.throttle_every.store(2, Ordering::SeqCst);
     proxy.faults.throttle_requests.store(30, Ordering::SeqCst);
+    // Unknown outcomes too: server errors, resets, and responses slower than the read timeout.
+    proxy.faults.fail_500.store(2, Ordering::SeqCst);
+    proxy.faults.reset.store(2, Ordering::SeqCst);
+    *proxy.faults.slow_for.lock().unwrap() = Duration::from_secs(4); // read timeout: 2 s
+    proxy.faults.slow.store(2, Ordering::SeqCst);
     let journaled = db.migrated().await;
     let one = spawn_worker(&db.pool, &proxy.endpoint()).await;
     let two = spawn_worker(&db.pool, &proxy.endpoint()).await;
@@ -390,7 +412,16 @@ async fn commit_order_per_key_survives_concurrency_and_throttling<DB: Backend + 
         let _ = stop.send(());
         handle.await.unwrap().unwrap();
     }
-    assert!(proxy.faults.throttled_records.load(Ordering::SeqCst) > 0);
+    let f = &proxy.faults;
+    assert!(f.throttled_records.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        (
+            f.injected_500.load(Ordering::SeqCst),
+            f.injected_resets.load(Ordering::SeqCst),
+            f.injected_slow.load(Ordering::SeqCst)
+        ),
+        (2, 2, 2)
+    );
     let seen = first_appearances(&emulator, "test_stream").await;
     assert_eq!(seen["hot"], (1..=120).collect::<Vec<_>>());
     for w in 0..4 {

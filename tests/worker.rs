@@ -918,6 +918,7 @@ async fn metrics_move_after_delivery_and_throttling() {
     assert_eq!(metric(&text, "journaled_put_records_records_sum"), 5.0);
     assert!(metric(&text, "journaled_put_records_bytes_sum") > 0.0);
     assert_eq!(metric(&text, "journaled_jobs_pending"), 0.0);
+    assert_eq!(metric(&text, "journaled_keys_parked"), 0.0);
     assert_eq!(
         metric(&text, "journaled_oldest_pending_event_age_seconds"),
         0.0

@@ -425,9 +425,22 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
             done.push(job.claimed.id);
             continue;
         }
+        if let Some(update) = ordered::reschedule(job, &shared.config) {
+            // Ordered records waiting for a predecessor (or on a parked key): nothing failed.
+            tracing::debug!(job_id = update.id.0, reason = %update.last_error, "ordered records wait");
+            match DB::reschedule(&shared.pool, owner, &update).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    stats.lost_leases.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(job_id = update.id.0, error = %e, "could not reschedule; the lease will expire and it is retried");
+                }
+            }
+            continue;
+        }
         stats.failed_records.fetch_add(failed, Ordering::Relaxed);
-        let update = ordered::reschedule(job, &shared.config)
-            .unwrap_or_else(|| publish::reschedule(job, &shared.config));
+        let update = publish::reschedule(job, &shared.config);
         let configuration = job
             .outcomes
             .iter()

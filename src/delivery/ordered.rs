@@ -277,3 +277,64 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Option<Resche
         split_dead: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventId;
+    use crate::store::records::encode_parts;
+    use crate::store::{Claimed, JobId, decode_records};
+    use time::OffsetDateTime;
+
+    fn job(attempts: i32, sequences: &[i64]) -> JobState {
+        let encoded = encode_parts(
+            sequences
+                .iter()
+                .map(|s| (EventId::new(), "s", "k", "{}", Some(*s))),
+        );
+        let mut state = JobState::decode(Claimed {
+            id: JobId(3),
+            priority: 20,
+            attempts,
+            transient_failures: attempts,
+            records: encoded,
+            created_at: OffsetDateTime::now_utc(),
+        });
+        state.outcomes.fill(None);
+        state
+    }
+
+    #[test]
+    fn records_that_only_wait_are_kept_without_an_attempt() {
+        let config = WorkerConfig::default();
+        let mut state = job(2, &[4, 5, 6]);
+        state.outcomes[1] = Some(waiting());
+        state.outcomes[2] = Some(waiting());
+        let r = reschedule(&state, &config).expect("only waiting records");
+        assert_eq!((r.attempts, r.transient_failures, r.dead), (2, 2, false));
+        assert!(r.delay <= config.backoff_base, "{:?}", r.delay);
+        let (records, count) = r.records.unwrap();
+        assert_eq!(count, 2);
+        let kept: Vec<Option<i64>> = decode_records(&records)
+            .unwrap()
+            .iter()
+            .map(|r| r.sequence)
+            .collect();
+        assert_eq!(kept, [Some(5), Some(6)], "the sequence is kept");
+
+        state.outcomes[1] = Some(parked());
+        let r = reschedule(&state, &config).unwrap();
+        assert!(r.delay >= config.configuration_backoff / 2, "{:?}", r.delay);
+        assert!(r.last_error.contains("parked"), "{}", r.last_error);
+    }
+
+    #[test]
+    fn a_real_failure_takes_the_usual_path() {
+        let mut state = job(0, &[1, 2]);
+        state.outcomes[0] = Some(publish::not_attempted());
+        state.outcomes[1] = Some(waiting());
+        assert!(reschedule(&state, &WorkerConfig::default()).is_none());
+        let delivered = job(0, &[1]);
+        assert!(reschedule(&delivered, &WorkerConfig::default()).is_none());
+    }
+}
