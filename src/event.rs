@@ -64,7 +64,8 @@ pub trait Event: Serialize {
     const TAGGED: bool = false;
     /// Whether events of this type are delivered in commit order per (stream, partition key):
     /// each gets a gap-free `sequence` in its envelope, taken in the writer's transaction, and
-    /// a key's next record is sent only once its predecessor is acknowledged.
+    /// a key's next record is sent only once its predecessor is acknowledged. An event without
+    /// a [`partition_key`](Self::partition_key) (keyed by its own id) is not ordered.
     const ORDERED: bool = false;
 
     /// The stream for this event; `None` uses the configured default stream.
@@ -186,7 +187,9 @@ pub(crate) fn prepare<E: Event>(
                 event_type: event_type.to_owned(),
             })?,
     };
-    let ordered = E::ORDERED || config.is_ordered_stream(&stream);
+    // An event keyed by its own id has nothing to be ordered with: it takes no sequence.
+    let own_key = event.partition_key();
+    let ordered = (E::ORDERED || config.is_ordered_stream(&stream)) && own_key.is_some();
     for reserved in ["id", "event_type", "created_at"]
         .into_iter()
         .chain(E::TAGGED.then_some("tags"))
@@ -254,7 +257,7 @@ pub(crate) fn prepare<E: Event>(
     }
     data.push_str(body);
 
-    let partition_key = match event.partition_key() {
+    let partition_key = match own_key {
         Some(key) => key.into_owned(),
         None => id.to_string(),
     };

@@ -167,6 +167,7 @@ pub(crate) async fn deliver<DB: Backend>(
         drop(sends);
 
         let mut acked: Vec<(String, String, i64)> = Vec::new();
+        let mut acked_slots: Vec<(Slot, Ack)> = Vec::new();
         let mut stopped: Vec<usize> = Vec::new();
         for (slot, outcome) in results {
             let q = owner.remove(&slot).expect("a slot of this round");
@@ -176,27 +177,41 @@ pub(crate) async fn deliver<DB: Backend>(
             match outcome {
                 Ok(ack) => {
                     acked.push((stream.clone(), key.clone(), seq));
-                    out.push((slot, Ok(ack)));
+                    acked_slots.push((slot, ack));
                 }
-                Err(failure) => {
-                    if failure.class == ErrorClass::Permanent {
-                        let record = &jobs[slot.0].records.as_ref().expect("decoded")[slot.1];
-                        let parked_key = ParkedKey {
-                            stream: stream.clone(),
-                            partition_key: key.clone(),
-                            sequence: seq,
-                            event_id: record.id.to_string(),
-                            reason: failure.to_string(),
-                            parked_at: None,
-                        };
-                        tracing::error!(stream, key, seq, error = %failure, "ordered key parked: its record is refused for good");
-                        if let Err(e) = DB::park_key(pool, &parked_key).await {
-                            tracing::error!(error = %e, stream, key, "could not park the key");
+                Err(failure) if failure.class == ErrorClass::Permanent => {
+                    let record = &jobs[slot.0].records.as_ref().expect("decoded")[slot.1];
+                    let parked_key = ParkedKey {
+                        stream: stream.clone(),
+                        partition_key: key.clone(),
+                        sequence: seq,
+                        event_id: record.id.to_string(),
+                        reason: failure.to_string(),
+                        parked_at: None,
+                    };
+                    match DB::park_key(pool, &parked_key).await {
+                        Ok(()) => {
+                            tracing::error!(stream, key, seq, error = %failure, "ordered key parked: its record is refused for good");
+                            out.extend(queue.drain(..).map(|(_, later)| (later, Err(parked()))));
+                            out.push((slot, Err(failure)));
                         }
-                        for (_, later) in queue.drain(..) {
-                            out.push((later, Err(parked())));
+                        Err(e) => {
+                            // Not parked, the record must not go dead: it is kept (without
+                            // using up attempts) and parking is tried again next time.
+                            tracing::error!(error = %e, stream, key, "could not park the key; trying again later");
+                            out.push((
+                                slot,
+                                Err(Failure {
+                                    class: ErrorClass::Throttled,
+                                    code: "park_failed".into(),
+                                    message: format!("{failure}; parking its key failed: {e}"),
+                                }),
+                            ));
                         }
                     }
+                    stopped.push(q);
+                }
+                Err(failure) => {
                     out.push((slot, Err(failure)));
                     stopped.push(q);
                 }
@@ -211,11 +226,29 @@ pub(crate) async fn deliver<DB: Backend>(
             stopped.push(q);
         }
         acked.sort();
-        if !acked.is_empty()
-            && let Err(e) = DB::advance_keys(pool, &acked).await
-        {
-            tracing::warn!(error = %e, "could not record ordered keys' progress; their next records wait");
-            timed_out = true;
+        let progress = if acked.is_empty() {
+            Ok(0)
+        } else {
+            DB::advance_keys(pool, &acked).await
+        };
+        match progress {
+            Ok(_) => out.extend(acked_slots.into_iter().map(|(slot, ack)| (slot, Ok(ack)))),
+            Err(e) => {
+                // Acknowledged but not recorded: the records stay in their jobs and are sent
+                // again (a duplicate, never a gap), and nothing after them goes.
+                tracing::warn!(error = %e, "could not record ordered keys' progress; their records go again");
+                let failure = Failure {
+                    class: ErrorClass::Transient,
+                    code: "progress_not_recorded".into(),
+                    message: format!("acknowledged, but the key's progress was not recorded: {e}"),
+                };
+                out.extend(
+                    acked_slots
+                        .into_iter()
+                        .map(|(slot, _)| (slot, Err(failure.clone()))),
+                );
+                timed_out = true;
+            }
         }
         for q in stopped {
             let (_, queue) = &mut queues[q];
