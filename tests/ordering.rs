@@ -384,18 +384,40 @@ async fn a_refused_record_parks_only_its_key<DB: Backend + AppSql>(db: &TestDb<D
         ("s".to_owned(), "a/b".to_owned())
     );
 
+    // Parked before its job is settled: wait until the refused record is in a dead job.
+    wait_until(60, "the refused record's job is dead", || async {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        jobs.iter().any(|j| j.dead_at.is_some())
+    })
+    .await;
     // `retry --key`: the refused record is sent again (and refused again: the key parks again
     // at the same record, with nothing of `a` delivered meanwhile).
     let retried = journaled::store::ordering::retry_key(&db.pool, "test_stream", "a")
         .await
         .unwrap();
     assert_eq!(retried.sequence, 2);
-    wait_until(60, "a is parked again", || async {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
         let jobs = journaled.jobs().await.unwrap_or_default();
         let parked = parked_or_none(&db.pool).await;
-        parked.len() == 1 && jobs.iter().any(|j| j.dead_at.is_some() && j.attempts == 1)
-    })
-    .await;
+        if parked.len() == 1 && jobs.iter().any(|j| j.dead_at.is_some() && j.attempts == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a is not parked again: {parked:?}\n{:#?}",
+            jobs.iter()
+                .map(|j| (
+                    j.id,
+                    j.attempts,
+                    j.dead_at.is_some(),
+                    j.last_error.clone(),
+                    j.event_count
+                ))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(first_appearances(&emulator, "test_stream").await["a"], [1]);
 
     let skipped = journaled::store::ordering::skip_key(&db.pool, "test_stream", "a")
@@ -514,3 +536,119 @@ on_both_backends!(
     a_refused_record_parks_only_its_key,
     commit_order_per_key_survives_concurrency_and_throttling,
 );
+
+/// A sink that acknowledges every record but refuses for good those whose data says "refuse".
+struct RefusingSink;
+
+impl journaled::delivery::Sink for RefusingSink {
+    fn put_records<'a>(
+        &'a self,
+        _stream: &'a str,
+        records: &'a [journaled::delivery::OutRecord<'a>],
+    ) -> journaled::BoxFuture<
+        'a,
+        Result<Vec<Option<journaled::delivery::Failure>>, journaled::delivery::Failure>,
+    > {
+        let outcomes = records
+            .iter()
+            .map(|r| {
+                String::from_utf8_lossy(r.data).contains("refuse").then(|| {
+                    journaled::delivery::Failure {
+                        class: journaled::delivery::ErrorClass::Permanent,
+                        code: "Refused".into(),
+                        message: "refused for good".into(),
+                    }
+                })
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(outcomes)))
+    }
+}
+
+/// When the worker cannot write a key's progress or park it (the database fails those writes),
+/// nothing is lost: acknowledged records stay in their job and go again, and a refused record
+/// stays pending (not dead, the key not silently stalled) until parking succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_and_parking_survive_database_errors() {
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    let journaled = db.migrated().await;
+    sqlx::raw_sql(
+        "CREATE TRIGGER fail_key_delivery BEFORE INSERT ON journaled_key_delivery \
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(
+        tx,
+        Ordered {
+            account: "ok".into(),
+            n: 1
+        }
+    )
+    .unwrap();
+    journal!(
+        tx,
+        Ordered {
+            account: "ok".into(),
+            n: 2
+        }
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+    journal!(
+        journaled,
+        OrderedBlob {
+            account: "bad".into(),
+            blob: "refuse".into()
+        }
+    )
+    .await
+    .unwrap();
+
+    let worker = Worker::new(db.pool.clone(), RefusingSink, worker_config()).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = rx.await;
+    }));
+    wait_until(30, "each failure is recorded on its job", || async {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        let error = |i: usize| jobs[i].last_error.clone().unwrap_or_default();
+        jobs.len() == 2
+            && jobs.iter().all(|j| j.dead_at.is_none())
+            && (jobs[0].event_count, jobs[1].event_count) == (2, 1)
+            && error(0).contains("progress was not recorded")
+            && error(1).contains("parking its key failed")
+    })
+    .await;
+    assert!(parked_or_none(&db.pool).await.is_empty());
+
+    sqlx::raw_sql("DROP TRIGGER fail_key_delivery")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_until(30, "`ok` is delivered and `bad` is parked", || async {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        let parked = parked_or_none(&db.pool).await;
+        parked.len() == 1
+            && parked[0].partition_key == "bad"
+            && jobs.len() == 1
+            && jobs[0].dead_at.is_some()
+            && jobs[0].event_count == 1
+            && jobs[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("Refused"))
+    })
+    .await;
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let delivered: i64 = sqlx::query_scalar(
+        "SELECT delivered FROM journaled_key_delivery WHERE partition_key = 'ok'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(delivered, 2);
+}

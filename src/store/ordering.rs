@@ -42,18 +42,34 @@ pub async fn parked_keys<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<Vec<Parke
     DB::parked_keys(pool).await
 }
 
-/// Unparks a key and sends its refused record again (its dead job is made due): the key's
-/// later records follow once it is delivered. Returns what the key was parked on.
+/// Sends a parked key's refused record again: its dead job is made due, then the key is
+/// unparked, and its later records follow once it is delivered. Returns what the key was
+/// parked on. Refused while no dead job holds the record (a worker still settling it).
 pub async fn retry_key<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     stream: &str,
     partition_key: &str,
 ) -> Result<ParkedKey, Error> {
-    let parked = unpark(pool, stream, partition_key, false).await?;
-    if let Some(job) = dead_job_of(pool, &parked).await? {
-        DB::retry(pool, Some(job)).await?;
+    let parked = DB::parked_keys(pool)
+        .await?
+        .into_iter()
+        .find(|k| k.stream == stream && k.partition_key == partition_key)
+        .ok_or_else(|| Error::NotParked {
+            stream: stream.to_owned(),
+            partition_key: partition_key.to_owned(),
+        })?;
+    let revived = match dead_job_of(pool, &parked).await? {
+        Some(job) => DB::retry(pool, Some(job)).await? == 1,
+        None => false,
+    };
+    if !revived {
+        return Err(Error::RecordNotDead {
+            stream: stream.to_owned(),
+            partition_key: partition_key.to_owned(),
+            event_id: parked.event_id,
+        });
     }
-    Ok(parked)
+    unpark(pool, stream, partition_key, false).await
 }
 
 /// Unparks a key past its refused record, which stays dead-lettered in its dead job: the key's
@@ -88,7 +104,7 @@ async fn dead_job_of<DB: Backend>(
         return Ok(None);
     };
     Ok(match DB::trace(pool, crate::EventId(id)).await? {
-        Trace::Dead(job) | Trace::Pending(job) => Some(job.job_id),
+        Trace::Dead(job) => Some(job.job_id),
         _ => None,
     })
 }
