@@ -51,6 +51,7 @@ pub struct Config {
     pub(crate) notify: bool,
     pub(crate) notify_interval: std::time::Duration,
     pub(crate) capture_context: bool,
+    pub(crate) ordered_streams: Vec<String>,
 }
 
 impl Default for Config {
@@ -76,6 +77,7 @@ impl Default for Config {
             notify: true,
             notify_interval: DEFAULT_NOTIFY_INTERVAL,
             capture_context: false,
+            ordered_streams: Vec::new(),
         }
     }
 }
@@ -94,6 +96,18 @@ pub(crate) fn parse_bool(value: &str) -> Option<bool> {
 }
 
 impl Config {
+    /// Delivers every event of `stream` in commit order per partition key, as if each event
+    /// type were `#[journaled(ordered)]` (see the README's "Ordering" section).
+    pub fn with_ordered_stream(mut self, stream: impl Into<String>) -> Self {
+        self.ordered_streams.push(stream.into());
+        self
+    }
+
+    /// Whether events of `stream` are ordered whatever their type.
+    pub(crate) fn is_ordered_stream(&self, stream: &str) -> bool {
+        self.ordered_streams.iter().any(|s| s == stream)
+    }
+
     /// Reads `JOURNALED_STREAM_NAME`, `JOURNALED_APP_NAME`, `JOURNALED_SCHEMA_PATH` (a
     /// `:`-separated list of folders, first match wins), `JOURNALED_JOB_PRIORITY` and
     /// `JOURNALED_ENABLED`, `JOURNALED_FILTER_PARAMETERS` (comma-separated sensitive names),

@@ -283,6 +283,27 @@ pub enum Error {
         /// What holds them back.
         reason: String,
     },
+    /// `journaled retry --key` / `skip --key` named a key that is not parked.
+    #[error("{stream}/{partition_key} is not parked (see `journaled status`)")]
+    NotParked {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+    },
+    /// `journaled retry --key` found no dead job holding the parked record: a worker is still
+    /// settling it (try again), or it is gone (use `skip --key`).
+    #[error(
+        "{stream}/{partition_key}: no dead job holds its refused record {event_id} yet (a worker may still be settling it: try again in a moment; if it is gone, `journaled skip --key`)"
+    )]
+    RecordNotDead {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+        /// The refused event.
+        event_id: String,
+    },
     /// The database returned an error.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

@@ -273,12 +273,23 @@ impl<DB: Backend> Journaled<DB> {
     pub fn journal_now<E: Event>(&self, event: &E) -> BoxFuture<'_, Result<EventId, Error>> {
         let prepared = self.prepare(event);
         Box::pin(async move {
-            let prepared = prepared?;
+            let mut prepared = prepared?;
             let id = prepared.id;
             if self.shared.config.enabled {
-                let jobs = store::group(std::slice::from_ref(&prepared));
-                let mut conn = self.pool.acquire().await?;
-                let ids = DB::insert_jobs(&mut conn, &jobs).await?;
+                let ids;
+                let jobs;
+                if prepared.ordered {
+                    // The sequence and the job commit together: no gap.
+                    let mut tx = DB::begin(&self.pool).await?;
+                    take_sequences::<DB>(&mut tx, std::slice::from_mut(&mut prepared)).await?;
+                    jobs = store::group(std::slice::from_ref(&prepared));
+                    ids = DB::insert_jobs(&mut tx, &jobs).await?;
+                    tx.commit().await?;
+                } else {
+                    jobs = store::group(std::slice::from_ref(&prepared));
+                    let mut conn = self.pool.acquire().await?;
+                    ids = DB::insert_jobs(&mut conn, &jobs).await?;
+                }
                 self.shared.wake();
                 log_enqueued(&jobs, &ids, std::slice::from_ref(&prepared));
                 self.shared.enqueued(std::slice::from_ref(&prepared));
@@ -487,6 +498,8 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
             }
             return Ok(());
         }
+        let mut staged = staged;
+        take_sequences::<DB>(&mut tx, &mut staged).await?;
         let jobs = store::group(&staged);
         let ids = DB::insert_jobs(&mut tx, &jobs).await?;
         tx.commit().await?;
@@ -513,6 +526,42 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
 fn capture_context() -> (String, String) {
     let tags = serde_json::to_string(&crate::context::current_tags()).expect("tags serialize");
     (crate::context::actor_uri(), tags)
+}
+
+/// Takes the sequences of the ordered events among `staged`, in the writer's transaction, and
+/// puts each in its event's envelope: per (stream, partition key), in `journal!` order. One
+/// statement for all keys, sorted, so that writers of several keys never deadlock.
+async fn take_sequences<DB: Backend>(
+    conn: &mut DB::Connection,
+    staged: &mut [Prepared],
+) -> Result<(), Error> {
+    let mut counts: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+    for event in staged.iter().filter(|e| e.ordered) {
+        *counts
+            .entry((event.stream.as_str(), event.partition_key.as_str()))
+            .or_default() += 1;
+    }
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<(String, String, i64)> = counts
+        .into_iter()
+        .map(|((stream, key), n)| (stream.to_owned(), key.to_owned(), n))
+        .collect();
+    let last = DB::take_sequences(conn, &keys).await?;
+    let mut next: std::collections::HashMap<(String, String), i64> = keys
+        .into_iter()
+        .zip(last)
+        .map(|((stream, key, n), last)| ((stream, key), last - n + 1))
+        .collect();
+    for event in staged.iter_mut().filter(|e| e.ordered) {
+        let key = (event.stream.clone(), event.partition_key.clone());
+        let slot = next.get_mut(&key).expect("every ordered key was counted");
+        let seq = *slot;
+        *slot += 1;
+        event.set_sequence(seq);
+    }
+    Ok(())
 }
 
 fn log_enqueued(jobs: &[NewJob], ids: &[store::JobId], events: &[Prepared]) {

@@ -762,6 +762,8 @@ async fn migration_tracking_tables_are_journaleds_own() {
         [
             "journaled.captures",
             "journaled.jobs",
+            "journaled.key_delivery",
+            "journaled.key_sequences",
             "journaled.receipts",
             "journaled.schema_migrations"
         ]

@@ -44,6 +44,15 @@ struct Blob {
     blob: String,
 }
 
+/// Every instance has the partition key `one-key`.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct OneKey {
+    #[journaled(partition_key)]
+    key: String,
+    n: i64,
+}
+
 #[derive(Serialize, journaled::Event)]
 #[journaled(event_type = "free_event", priority = 1, delay_secs = 3600)]
 struct Later {
@@ -695,6 +704,40 @@ async fn a_chunked_transaction_is_delivered_whole<DB: Backend + AppSql>(db: &Tes
     assert!(journaled.jobs().await.unwrap().is_empty());
 }
 
+/// One transaction of 600 events of one key (two job rows, two requests) arrives in
+/// `journal!` order: the second request is sent only after the first (it once arrived with
+/// 501–600 first).
+async fn a_transaction_of_one_key_arrives_in_order<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 0..600 {
+        journal!(
+            tx,
+            OneKey {
+                key: "one-key".into(),
+                n
+            }
+        )
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(journaled.jobs().await.unwrap().len(), 2);
+    drain(&db.pool, &emulator.endpoint(), test_config()).await;
+    let got: Vec<i64> = emulator
+        .read("test_stream")
+        .await
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.data).unwrap()["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(got, (0..600).collect::<Vec<_>>());
+}
+
 /// A claim takes at least one job and stops near its byte budget, and never takes jobs that
 /// are not due (delayed, ahead in priority) however many there are.
 async fn claims_are_bounded_by_bytes_and_skip_jobs_not_due<DB: Backend + AppSql>(db: &TestDb<DB>) {
@@ -773,6 +816,7 @@ async fn the_oldest_pending_age_ignores_delayed_events<DB: Backend + AppSql>(db:
 on_both_backends!(
     receipts_are_pruned_by_age_only,
     the_oldest_pending_age_ignores_delayed_events,
+    a_transaction_of_one_key_arrives_in_order,
     a_chunked_transaction_is_delivered_whole,
     claims_are_bounded_by_bytes_and_skip_jobs_not_due,
     committed_events_arrive_with_their_stored_bytes,
@@ -1039,6 +1083,7 @@ async fn metrics_move_after_delivery_and_throttling() {
     assert_eq!(metric(&text, "journaled_put_records_records_sum"), 5.0);
     assert!(metric(&text, "journaled_put_records_bytes_sum") > 0.0);
     assert_eq!(metric(&text, "journaled_jobs_pending"), 0.0);
+    assert_eq!(metric(&text, "journaled_keys_parked"), 0.0);
     assert_eq!(
         metric(&text, "journaled_oldest_pending_event_age_seconds"),
         0.0

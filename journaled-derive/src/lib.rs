@@ -16,6 +16,8 @@ use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path, parse_macro_input};
 /// - `event_type = "name"`: defaults to the snake_case type name.
 /// - `tagged`: the event carries the task-local tags (`tags` field) and is validated against
 ///   the built-in `tagged_event` schema too.
+/// - `ordered`: delivered in commit order per (stream, partition key), with a gap-free
+///   `sequence` in the envelope (see `Event::ORDERED`).
 /// - `stream = "name"` or `stream_with = path::to::fn` (`fn(&Self) -> impl Into<Cow<str>>`).
 /// - `partition_key_with = path::to::fn`, or `#[journaled(partition_key)]` on a field whose
 ///   value (`Display`) becomes the partition key. Default: the event id.
@@ -55,6 +57,7 @@ pub fn derive_audited(input: TokenStream) -> TokenStream {
 struct Options {
     event_type: Option<LitStr>,
     tagged: bool,
+    ordered: bool,
     stream: Option<LitStr>,
     stream_with: Option<Path>,
     partition_key_with: Option<Path>,
@@ -81,6 +84,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             match key.as_str() {
                 "event_type" => opts.event_type = Some(meta.value()?.parse()?),
                 "tagged" => opts.tagged = true,
+                "ordered" => opts.ordered = true,
                 "stream" => opts.stream = Some(meta.value()?.parse()?),
                 "stream_with" => opts.stream_with = Some(parse_path(&meta)?),
                 "partition_key_with" => opts.partition_key_with = Some(parse_path(&meta)?),
@@ -92,7 +96,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 _ => {
                     return Err(meta.error(format!(
                         "unknown journaled attribute `{key}`; expected one of event_type, tagged, \
-                         stream, stream_with, partition_key_with, priority, priority_with, \
+                         ordered, stream, stream_with, partition_key_with, priority, priority_with, \
                          delay_secs, run_at_with, crate"
                     )));
                 }
@@ -143,6 +147,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         .map(LitStr::value)
         .unwrap_or_else(|| snake_case(&name.to_string()));
     let tagged = opts.tagged;
+    let ordered = opts.ordered;
     let cow = quote!(::std::borrow::Cow<'_, str>);
 
     let stream = match (&opts.stream, &opts.stream_with) {
@@ -197,6 +202,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         impl #impl_generics #krate::Event for #name #ty_generics #where_clause {
             const EVENT_TYPE: &'static str = #event_type;
             const TAGGED: bool = #tagged;
+            const ORDERED: bool = #ordered;
             #stream
             #partition_key
             #priority

@@ -40,6 +40,7 @@ pub struct Metrics {
     jobs_pending: Gauge,
     events_pending: Gauge,
     jobs_dead: Gauge,
+    keys_parked: Gauge,
     oldest_pending: Gauge<f64, AtomicU64>,
     pub(crate) delivery_latency: Histogram,
     pub(crate) request_latency: Histogram,
@@ -68,6 +69,7 @@ impl Metrics {
             jobs_pending: Gauge::default(),
             events_pending: Gauge::default(),
             jobs_dead: Gauge::default(),
+            keys_parked: Gauge::default(),
             oldest_pending: Gauge::default(),
             delivery_latency: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             request_latency: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
@@ -109,6 +111,11 @@ impl Metrics {
         );
         registry.register("jobs_dead", "Dead jobs in the table", m.jobs_dead.clone());
         registry.register(
+            "keys_parked",
+            "Ordered keys parked on a record refused for good",
+            m.keys_parked.clone(),
+        );
+        registry.register(
             "oldest_pending_event_age_seconds",
             "Age of the oldest pending event",
             m.oldest_pending.clone(),
@@ -141,6 +148,7 @@ impl Metrics {
         self.jobs_pending.set(status.pending_jobs);
         self.events_pending.set(status.pending_events);
         self.jobs_dead.set(status.dead_jobs);
+        self.keys_parked.set(status.parked_keys);
         self.oldest_pending
             .set(status.oldest_pending_age_secs.unwrap_or(0.0));
     }

@@ -3,7 +3,9 @@
 
 mod alarm;
 mod config;
+mod keyed;
 pub mod metrics;
+mod ordered;
 mod publish;
 mod sink;
 
@@ -345,12 +347,14 @@ async fn deliver<DB: Backend>(
 ) {
     let config = &shared.config;
     let jobs: Vec<JobState> = claimed.into_iter().map(JobState::decode).collect();
-    let requests = publish::chunk(
+    // A key's records are never in two requests sent at once (see `keyed`).
+    let lanes = keyed::lanes(
         &jobs,
         config.max_records_per_request,
         config.max_request_bytes,
     );
-    let span = tracing::debug_span!("publish", owner = %owner, jobs = jobs.len(), requests = requests.len());
+    let requests: usize = lanes.iter().map(Vec::len).sum();
+    let span = tracing::debug_span!("publish", owner = %owner, jobs = jobs.len(), requests);
     // At most REQUESTS_PER_BATCH requests in flight, and nothing past the publish deadline
     // (well within the lease): records whose request did not complete stay "not attempted"
     // and are retried.
@@ -358,14 +362,13 @@ async fn deliver<DB: Backend>(
     let mut results = Vec::new();
     {
         use futures_util::StreamExt;
-        let sends: Vec<_> = requests
-            .into_iter()
-            .map(|(stream, slots)| {
-                publish::send(shared.sink.as_ref(), &shared.metrics, stream, slots, &jobs)
-            })
-            .collect();
-        let mut sends = futures_util::stream::iter(sends).buffer_unordered(REQUESTS_PER_BATCH);
-        async {
+        let (sink, metrics, jobs) = (shared.sink.as_ref(), &*shared.metrics, &jobs);
+        let mut streams = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            streams.push(keyed::send_lane(sink, metrics, lane, jobs));
+        }
+        let mut sends = futures_util::stream::iter(streams).flatten_unordered(REQUESTS_PER_BATCH);
+        let unordered = async {
             loop {
                 match tokio::time::timeout_at(deadline, sends.next()).await {
                     Ok(Some(done)) => results.push(done),
@@ -378,9 +381,13 @@ async fn deliver<DB: Backend>(
                     }
                 }
             }
-        }
-        .instrument(span)
-        .await;
+        };
+        // Ordered records go in rounds beside the rest (see `ordered`).
+        let ordered = ordered::deliver::<DB>(&shared.pool, sink, metrics, jobs, config, deadline);
+        let ((), ordered) = async { tokio::join!(unordered, ordered) }
+            .instrument(span)
+            .await;
+        results.push(ordered);
     }
     let mut jobs = jobs;
     for ((j, r), outcome) in results.into_iter().flatten() {
@@ -498,6 +505,20 @@ async fn settle<DB: Backend>(shared: &Shared<DB>, owner: &str, jobs: &[JobState]
         }
         if job.records.is_ok() && failed == 0 {
             done.push(job.claimed.id);
+            continue;
+        }
+        if let Some(update) = ordered::reschedule(job, &shared.config) {
+            // Ordered records waiting for a predecessor (or on a parked key): nothing failed.
+            tracing::debug!(job_id = update.id.0, reason = %update.last_error, "ordered records wait");
+            match DB::reschedule(&shared.pool, owner, &update).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    stats.lost_leases.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(job_id = update.id.0, error = %e, "could not reschedule; the lease will expire and it is retried");
+                }
+            }
             continue;
         }
         stats.failed_records.fetch_add(failed, Ordering::Relaxed);

@@ -1,6 +1,5 @@
 //! One claimed batch: decode, publish in `PutRecords` requests, decide what becomes of each job.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::WorkerConfig;
@@ -55,45 +54,6 @@ pub(crate) fn not_attempted() -> Failure {
 
 fn cut_off(failure: &Failure) -> bool {
     failure.code == NOT_ATTEMPTED
-}
-
-/// Groups every record by stream and cuts each stream's records into requests of at most
-/// `max_records` records and `max_bytes` bytes (data plus partition key).
-pub(crate) fn chunk(
-    jobs: &[JobState],
-    max_records: usize,
-    max_bytes: usize,
-) -> Vec<(&str, Vec<Slot>)> {
-    let mut by_stream: BTreeMap<&str, Vec<Slot>> = BTreeMap::new();
-    for (j, job) in jobs.iter().enumerate() {
-        if let Ok(records) = &job.records {
-            for (r, record) in records.iter().enumerate() {
-                by_stream
-                    .entry(record.stream.as_str())
-                    .or_default()
-                    .push((j, r));
-            }
-        }
-    }
-    let mut requests = Vec::new();
-    for (stream, slots) in by_stream {
-        let mut current: Vec<Slot> = Vec::new();
-        let mut bytes = 0;
-        for (j, r) in slots {
-            let record = &jobs[j].records.as_ref().expect("decoded")[r];
-            let size = record.data().len() + record.partition_key.len();
-            if !current.is_empty() && (current.len() == max_records || bytes + size > max_bytes) {
-                requests.push((stream, std::mem::take(&mut current)));
-                bytes = 0;
-            }
-            current.push((j, r));
-            bytes += size;
-        }
-        if !current.is_empty() {
-            requests.push((stream, current));
-        }
-    }
-    requests
 }
 
 /// Sends one request; when it is refused as invalid, splits it in halves until the record at
@@ -348,7 +308,7 @@ mod tests {
                 .iter()
                 .zip(&data)
                 .zip(&ids)
-                .map(|(((stream, _), data), id)| (*id, *stream, "k", data.as_str())),
+                .map(|(((stream, _), data), id)| (*id, *stream, "k", data.as_str(), None)),
         );
         let mut state = JobState::decode(Claimed {
             id: JobId(1),
@@ -366,24 +326,6 @@ mod tests {
         );
         state.outcomes.fill(None);
         state
-    }
-
-    #[test]
-    fn requests_respect_count_and_byte_limits_per_stream() {
-        let jobs = vec![
-            job(0, &[("a", 10), ("b", 10), ("a", 10)]),
-            job(0, &[("a", 10), ("a", 10), ("a", 10)]),
-        ];
-        let requests = chunk(&jobs, 2, 1_000_000);
-        let shape: Vec<(&str, usize)> = requests
-            .iter()
-            .map(|(s, slots)| (*s, slots.len()))
-            .collect();
-        assert_eq!(shape, [("a", 2), ("a", 2), ("a", 1), ("b", 1)]);
-        // 10 data bytes + 2 quotes + 1 key byte = 13 bytes each: two fit in 26, not three.
-        let requests = chunk(&jobs, 500, 26);
-        assert!(requests.iter().all(|(_, slots)| slots.len() <= 2));
-        assert_eq!(requests.iter().map(|(_, s)| s.len()).sum::<usize>(), 6);
     }
 
     #[test]

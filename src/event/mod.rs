@@ -65,6 +65,11 @@ pub trait Event: Serialize {
     const EVENT_TYPE: &'static str;
     /// Whether the event carries the task-local tags.
     const TAGGED: bool = false;
+    /// Whether events of this type are delivered in commit order per (stream, partition key):
+    /// each gets a gap-free `sequence` in its envelope, taken in the writer's transaction, and
+    /// a key's next record is sent only once its predecessor is acknowledged. An event without
+    /// a [`partition_key`](Self::partition_key) (keyed by its own id) is not ordered.
+    const ORDERED: bool = false;
 
     /// The stream for this event; `None` uses the configured default stream.
     fn stream_name(&self) -> Option<Cow<'_, str>> {
@@ -107,6 +112,25 @@ pub(crate) struct Prepared {
     pub priority: i32,
     /// Resolved when the job is written, so that events with the same delay share a job.
     pub run_at: Option<RunAt>,
+    /// Delivered in commit order per (stream, partition key): a sequence is taken at commit.
+    pub ordered: bool,
+    /// The sequence taken at commit (ordered events only).
+    pub sequence: Option<i64>,
+    /// Where in `data` the sequence goes: right after `created_at`.
+    pub splice_at: usize,
+}
+
+/// Room a sequence takes in the envelope: `,"sequence":` and up to 19 digits.
+pub(crate) const SEQUENCE_ROOM: usize = 32;
+
+impl Prepared {
+    /// Puts the sequence taken at commit into the envelope, right after `created_at`.
+    pub(crate) fn set_sequence(&mut self, sequence: i64) {
+        debug_assert!(self.ordered && self.sequence.is_none());
+        self.data
+            .insert_str(self.splice_at, &format!(",\"sequence\":{sequence}"));
+        self.sequence = Some(sequence);
+    }
 }
 
 /// When `run_at` falls, seen from `now`; a delay too large for a date saturates far ahead
@@ -169,18 +193,6 @@ pub(crate) fn prepare<E: Event>(
             )));
         }
     };
-    for reserved in ["id", "event_type", "created_at"]
-        .into_iter()
-        .chain(E::TAGGED.then_some("tags"))
-    {
-        if attributes.contains_key(reserved) {
-            return Err(JournalError::ReservedAttribute {
-                event_type: event_type.to_owned(),
-                name: reserved.to_owned(),
-            });
-        }
-    }
-
     let stream = match event.stream_name() {
         Some(stream) => stream.into_owned(),
         None => config
@@ -190,6 +202,22 @@ pub(crate) fn prepare<E: Event>(
                 event_type: event_type.to_owned(),
             })?,
     };
+    // An event keyed by its own id has nothing to be ordered with: it takes no sequence.
+    let own_key = event.partition_key();
+    let ordered = (E::ORDERED || config.is_ordered_stream(&stream)) && own_key.is_some();
+    for reserved in ["id", "event_type", "created_at"]
+        .into_iter()
+        .chain(E::TAGGED.then_some("tags"))
+        .chain(ordered.then_some("sequence"))
+    {
+        if attributes.contains_key(reserved) {
+            return Err(JournalError::ReservedAttribute {
+                event_type: event_type.to_owned(),
+                name: reserved.to_owned(),
+            });
+        }
+    }
+
     if stream.is_empty() {
         return Err(JournalError::MissingStreamName {
             event_type: event_type.to_owned(),
@@ -216,6 +244,11 @@ pub(crate) fn prepare<E: Event>(
     if let Some(tags) = tags {
         object.insert("tags".into(), Value::Object(tags));
     }
+    if ordered {
+        // The sequence is taken at commit; the schemas see one now, so that a schema that
+        // forbids it fails here rather than the published record breaking it.
+        object.insert("sequence".into(), Value::from(1));
+    }
     let value = Value::Object(object);
     schemas.validate_generated(event_type, E::TAGGED, &value)?;
 
@@ -229,6 +262,7 @@ pub(crate) fn prepare<E: Event>(
     data.push_str(",\"created_at\":\"");
     data.push_str(&created_at_text);
     data.push('"');
+    let splice_at = data.len();
     if let Some(tags_json) = &tags_json {
         data.push_str(",\"tags\":");
         data.push_str(tags_json);
@@ -238,12 +272,13 @@ pub(crate) fn prepare<E: Event>(
     }
     data.push_str(body);
 
-    let partition_key = match event.partition_key() {
+    let partition_key = match own_key {
         Some(key) => key.into_owned(),
         None => id_text.clone(),
     };
     check_partition_key(event_type, &partition_key)?;
-    let size = data.len() + partition_key.len();
+    // An ordered event's sequence is spliced in at commit: its room counts now.
+    let size = data.len() + partition_key.len() + if ordered { SEQUENCE_ROOM } else { 0 };
     if size > config.max_record_size {
         return Err(JournalError::RecordTooLarge {
             event_type: event_type.to_owned(),
@@ -273,6 +308,9 @@ pub(crate) fn prepare<E: Event>(
         data,
         priority: event.priority().unwrap_or(config.default_priority),
         run_at,
+        ordered,
+        sequence: None,
+        splice_at,
     })
 }
 

@@ -19,6 +19,45 @@ macro_rules! impl_backend {
             {
                 Box::pin(insert_jobs(conn, jobs))
             }
+            fn take_sequences<'c>(
+                conn: &'c mut $conn,
+                keys: &'c [(String, String, i64)],
+            ) -> $crate::store::BoxFuture<'c, Result<Vec<i64>, $crate::Error>> {
+                Box::pin(take_sequences(conn, keys))
+            }
+            fn key_positions<'a>(
+                pool: &'a $pool,
+                keys: &'a [(String, String)],
+            ) -> $crate::store::BoxFuture<'a, Result<Vec<(i64, bool)>, $crate::Error>> {
+                Box::pin(key_positions(pool, keys))
+            }
+            fn advance_keys<'a>(
+                pool: &'a $pool,
+                acked: &'a [(String, String, i64)],
+            ) -> $crate::store::BoxFuture<'a, Result<u64, $crate::Error>> {
+                Box::pin(advance_keys(pool, acked))
+            }
+            fn park_key<'a>(
+                pool: &'a $pool,
+                key: &'a $crate::store::ParkedKey,
+            ) -> $crate::store::BoxFuture<'a, Result<(), $crate::Error>> {
+                Box::pin(park_key(pool, key))
+            }
+            fn parked_keys(
+                pool: &$pool,
+            ) -> $crate::store::BoxFuture<'_, Result<Vec<$crate::store::ParkedKey>, $crate::Error>>
+            {
+                Box::pin(parked_keys(pool))
+            }
+            fn unpark<'a>(
+                pool: &'a $pool,
+                stream: &'a str,
+                partition_key: &'a str,
+                skip: bool,
+            ) -> $crate::store::BoxFuture<'a, Result<Option<$crate::store::ParkedKey>, $crate::Error>>
+            {
+                Box::pin(unpark(pool, stream, partition_key, skip))
+            }
             fn migrate(pool: &$pool) -> $crate::store::BoxFuture<'_, Result<(), $crate::Error>> {
                 Box::pin(migrate(pool))
             }
@@ -130,6 +169,7 @@ macro_rules! impl_backend {
 }
 
 mod migrate;
+pub mod ordering;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub(crate) mod records;
@@ -146,6 +186,7 @@ use serde::Deserialize;
 use crate::Error;
 pub use migrate::migrate;
 pub(crate) use migrate::{Migration, pending};
+pub use ordering::ParkedKey;
 #[cfg(feature = "worker")]
 pub(crate) use records::encode_stored;
 pub(crate) use records::group;
@@ -305,6 +346,8 @@ pub struct Status {
     /// Seconds since the oldest pending event became due — its commit, or the end of its
     /// delay; events delayed into the future do not count. `None` when none is due.
     pub oldest_pending_age_secs: Option<f64>,
+    /// Ordered keys parked on a record refused for good.
+    pub parked_keys: i64,
 }
 
 /// Where one delivered event went, as the worker keeps it.
@@ -408,6 +451,46 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         conn: &'c mut Self::Connection,
         jobs: &'c [NewJob],
     ) -> BoxFuture<'c, Result<Vec<JobId>, Error>>;
+
+    /// Takes `count` sequences for each (stream, partition key, count), in the caller's
+    /// transaction, in one statement (keys in the order given: sort them, so that writers
+    /// lock keys in one order); returns the last sequence taken for each, in order.
+    fn take_sequences<'c>(
+        conn: &'c mut Self::Connection,
+        keys: &'c [(String, String, i64)],
+    ) -> BoxFuture<'c, Result<Vec<i64>, Error>>;
+
+    /// Where each ordered (stream, key) stands, in order: its last delivered sequence (0 when
+    /// none) and whether it is parked.
+    fn key_positions<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        keys: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<Vec<(i64, bool)>, Error>>;
+
+    /// Advances each (stream, key)'s delivered sequence from s-1 to s, in one statement;
+    /// returns how many moved.
+    fn advance_keys<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        acked: &'a [(String, String, i64)],
+    ) -> BoxFuture<'a, Result<u64, Error>>;
+
+    /// Parks a key on a record refused for good; a parked key keeps its first reason.
+    fn park_key<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        key: &'a ParkedKey,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Parked keys, oldest first.
+    fn parked_keys(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<Vec<ParkedKey>, Error>>;
+
+    /// Unparks a key (with `skip`, its delivered sequence moves past the parked record);
+    /// returns what it was parked on, `None` when it was not parked.
+    fn unpark<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        stream: &'a str,
+        partition_key: &'a str,
+        skip: bool,
+    ) -> BoxFuture<'a, Result<Option<ParkedKey>, Error>>;
 
     /// Creates or updates journaled's tables; running it again is a no-op.
     fn migrate(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<(), Error>>;
@@ -521,4 +604,26 @@ pub async fn status<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<Status, Error>
 /// how many jobs changed.
 pub async fn retry<DB: Backend>(pool: &sqlx::Pool<DB>, job: Option<JobId>) -> Result<u64, Error> {
     DB::retry(pool, job).await
+}
+
+/// The last sequence of each key of `keys`, in order, from the rows an upsert returned.
+pub(crate) fn in_order(
+    keys: &[(String, String, i64)],
+    rows: Vec<(String, String, i64)>,
+) -> Result<Vec<i64>, Error> {
+    let last: std::collections::HashMap<(String, String), i64> = rows
+        .into_iter()
+        .map(|(stream, key, seq)| ((stream, key), seq))
+        .collect();
+    keys.iter()
+        .map(|(stream, key, _)| {
+            last.get(&(stream.clone(), key.clone()))
+                .copied()
+                .ok_or_else(|| {
+                    Error::Database(sqlx::Error::Protocol(format!(
+                        "no sequence returned for {stream}/{key}"
+                    )))
+                })
+        })
+        .collect()
 }

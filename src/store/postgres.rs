@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ParkedKey;
 use super::{
     BoxFuture, Claimed, Job, JobId, Migration, NewJob, Receipt, ReceiptStats, Reschedule, Status,
     Trace, TracedJob, db_error, pending,
@@ -39,6 +40,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         version: 4,
         description: "delivery receipts",
         sql: include_str!("../../migrations/postgres/0004_receipts.sql"),
+    },
+    Migration {
+        version: 5,
+        description: "ordered keys' sequences",
+        sql: include_str!("../../migrations/postgres/0005_key_sequences.sql"),
     },
     Migration {
         version: 6,
@@ -96,6 +102,31 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     .await
     .map_err(db_error)?;
     Ok(ids.into_iter().map(JobId).collect())
+}
+
+#[tracing::instrument(name = "journaled.take_sequences", skip_all, fields(keys = keys.len()), err)]
+async fn take_sequences(
+    conn: &mut PgConnection,
+    keys: &[(String, String, i64)],
+) -> Result<Vec<i64>, Error> {
+    let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
+    // Rows are upserted (and locked) in the order given.
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
+         SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
+         ORDER BY o \
+         ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
+         RETURNING stream, partition_key, seq",
+    )
+    .bind(&streams)
+    .bind(&partition_keys)
+    .bind(&counts)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)?;
+    super::in_order(keys, rows)
 }
 
 async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
@@ -373,7 +404,8 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
            count(*) FILTER (WHERE dead_at IS NULL AND due_at > now()) AS delayed_jobs, \
            count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0)::int8 AS dead_events, \
-           extract(epoch FROM now() - min(due_at) FILTER (WHERE dead_at IS NULL AND due_at <= now()))::float8 AS oldest \
+           extract(epoch FROM now() - min(due_at) FILTER (WHERE dead_at IS NULL AND due_at <= now()))::float8 AS oldest, \
+           (SELECT count(*) FROM journaled.key_delivery WHERE parked_seq IS NOT NULL) AS parked \
          FROM journaled.jobs",
     )
     .fetch_one(pool)
@@ -388,6 +420,7 @@ async fn status(pool: &PgPool) -> Result<Status, Error> {
         dead_jobs: row.try_get("dead_jobs")?,
         dead_events: row.try_get("dead_events")?,
         oldest_pending_age_secs: row.try_get("oldest")?,
+        parked_keys: row.try_get("parked")?,
     })
 }
 
@@ -567,6 +600,125 @@ async fn receipt_stats(pool: &PgPool) -> Result<ReceiptStats, Error> {
         latency_p99_secs: row.try_get("p99")?,
         oldest_delivered_at: row.try_get("oldest")?,
     })
+}
+
+async fn key_positions(
+    pool: &PgPool,
+    keys: &[(String, String)],
+) -> Result<Vec<(i64, bool)>, Error> {
+    let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let rows: Vec<(i64, i64, bool)> = sqlx::query_as(
+        "SELECT t.o, coalesce(d.delivered, 0), d.parked_seq IS NOT NULL \
+         FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS t(s, p, o) \
+         LEFT JOIN journaled.key_delivery d ON d.stream = t.s AND d.partition_key = t.p \
+         ORDER BY t.o",
+    )
+    .bind(&streams)
+    .bind(&partition_keys)
+    .fetch_all(pool)
+    .await
+    .map_err(db_error)?;
+    Ok(rows.into_iter().map(|(_, d, p)| (d, p)).collect())
+}
+
+async fn advance_keys(pool: &PgPool, acked: &[(String, String, i64)]) -> Result<u64, Error> {
+    let streams: Vec<&str> = acked.iter().map(|k| k.0.as_str()).collect();
+    let partition_keys: Vec<&str> = acked.iter().map(|k| k.1.as_str()).collect();
+    let sequences: Vec<i64> = acked.iter().map(|k| k.2).collect();
+    // A key not known yet starts at 0: only its sequence 1 may create it.
+    Ok(sqlx::query(
+        "INSERT INTO journaled.key_delivery AS d (stream, partition_key, delivered) \
+         SELECT s, p, q FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, q, o) \
+         WHERE q = 1 OR EXISTS (SELECT 1 FROM journaled.key_delivery x WHERE x.stream = t.s AND x.partition_key = t.p) \
+         ORDER BY o \
+         ON CONFLICT (stream, partition_key) DO UPDATE SET delivered = EXCLUDED.delivered \
+         WHERE d.delivered = EXCLUDED.delivered - 1",
+    )
+    .bind(&streams)
+    .bind(&partition_keys)
+    .bind(&sequences)
+    .execute(pool)
+    .await
+    .map_err(db_error)?
+    .rows_affected())
+}
+
+async fn park_key(pool: &PgPool, key: &ParkedKey) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO journaled.key_delivery AS d \
+             (stream, partition_key, delivered, parked_seq, parked_event, parked_reason, parked_at) \
+         VALUES ($1, $2, $3 - 1, $3, $4, $5, now()) \
+         ON CONFLICT (stream, partition_key) DO UPDATE SET parked_seq = EXCLUDED.parked_seq, \
+             parked_event = EXCLUDED.parked_event, parked_reason = EXCLUDED.parked_reason, parked_at = now() \
+         WHERE d.parked_seq IS NULL",
+    )
+    .bind(&key.stream)
+    .bind(&key.partition_key)
+    .bind(key.sequence)
+    .bind(&key.event_id)
+    .bind(&key.reason)
+    .execute(pool)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn parked_row(row: &sqlx::postgres::PgRow) -> Result<ParkedKey, Error> {
+    Ok(ParkedKey {
+        stream: row.try_get("stream")?,
+        partition_key: row.try_get("partition_key")?,
+        sequence: row.try_get("parked_seq")?,
+        event_id: row.try_get("parked_event")?,
+        reason: row.try_get("parked_reason")?,
+        parked_at: row.try_get("parked_at")?,
+    })
+}
+
+async fn parked_keys(pool: &PgPool) -> Result<Vec<ParkedKey>, Error> {
+    let rows = sqlx::query(
+        "SELECT stream, partition_key, parked_seq, parked_event, parked_reason, parked_at \
+         FROM journaled.key_delivery WHERE parked_seq IS NOT NULL ORDER BY parked_at, stream, partition_key",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db_error)?;
+    rows.iter().map(parked_row).collect()
+}
+
+async fn unpark(
+    pool: &PgPool,
+    stream: &str,
+    partition_key: &str,
+    skip: bool,
+) -> Result<Option<ParkedKey>, Error> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "SELECT stream, partition_key, parked_seq, parked_event, parked_reason, parked_at \
+         FROM journaled.key_delivery WHERE stream = $1 AND partition_key = $2 AND parked_seq IS NOT NULL \
+         FOR UPDATE",
+    )
+    .bind(stream)
+    .bind(partition_key)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let parked = parked_row(&row)?;
+    sqlx::query(
+        "UPDATE journaled.key_delivery SET \
+             delivered = CASE WHEN $3 AND delivered = parked_seq - 1 THEN parked_seq ELSE delivered END, \
+             parked_seq = NULL, parked_event = NULL, parked_reason = NULL, parked_at = NULL \
+         WHERE stream = $1 AND partition_key = $2",
+    )
+    .bind(stream)
+    .bind(partition_key)
+    .bind(skip)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    tx.commit().await?;
+    Ok(Some(parked))
 }
 
 impl_backend!(Postgres, PgConnection, PgPool);

@@ -17,6 +17,10 @@ pub struct StoredRecord {
     pub stream: String,
     /// The Kinesis partition key.
     pub partition_key: String,
+    /// Its place among its (stream, partition key)'s records, for an ordered event: delivered
+    /// only after its predecessor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<i64>,
     /// The record's data: the event's JSON exactly as validated.
     pub data: Box<RawValue>,
 }
@@ -28,13 +32,14 @@ impl StoredRecord {
     }
 }
 
-/// Encodes records into the `records` column format from (id, stream, partition key, data).
+/// Encodes records into the `records` column format from (id, stream, partition key, data,
+/// sequence).
 pub(crate) fn encode_parts<'a>(
-    parts: impl IntoIterator<Item = (EventId, &'a str, &'a str, &'a str)>,
+    parts: impl IntoIterator<Item = (EventId, &'a str, &'a str, &'a str, Option<i64>)>,
 ) -> String {
     let mut out = Vec::with_capacity(256);
     out.push(b'[');
-    for (i, (id, stream, partition_key, data)) in parts.into_iter().enumerate() {
+    for (i, (id, stream, partition_key, data, sequence)) in parts.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -44,6 +49,9 @@ pub(crate) fn encode_parts<'a>(
         serde_json::to_writer(&mut out, stream).expect("writing to a Vec cannot fail");
         out.extend_from_slice(b",\"partition_key\":");
         serde_json::to_writer(&mut out, partition_key).expect("writing to a Vec cannot fail");
+        if let Some(sequence) = sequence {
+            out.extend_from_slice(format!(",\"sequence\":{sequence}").as_bytes());
+        }
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(data.as_bytes());
         out.push(b'}');
@@ -60,6 +68,7 @@ pub(crate) fn encode_records<'a>(events: impl IntoIterator<Item = &'a Prepared>)
             e.stream.as_str(),
             e.partition_key.as_str(),
             e.data.as_str(),
+            e.sequence,
         )
     }))
 }
@@ -73,6 +82,7 @@ pub(crate) fn encode_stored<'a>(records: impl IntoIterator<Item = &'a StoredReco
             r.stream.as_str(),
             r.partition_key.as_str(),
             r.data.get(),
+            r.sequence,
         )
     }))
 }

@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ParkedKey;
 use super::{
     BoxFuture, Claimed, Job, JobId, Migration, NewJob, Receipt, ReceiptStats, Reschedule, Status,
     Trace, TracedJob, db_error, pending,
@@ -30,6 +31,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/sqlite/0004_receipts.sql"),
     },
     Migration {
+        version: 5,
+        description: "ordered keys' sequences",
+        sql: include_str!("../../migrations/sqlite/0005_key_sequences.sql"),
+    },
+    Migration {
         version: 6,
         description: "first due time",
         sql: include_str!("../../migrations/sqlite/0006_due_at.sql"),
@@ -52,6 +58,28 @@ pub(crate) fn to_millis(at: OffsetDateTime) -> i64 {
 pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, Error> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map_err(|e| Error::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+#[tracing::instrument(name = "journaled.take_sequences", skip_all, fields(keys = keys.len()), err)]
+async fn take_sequences(
+    conn: &mut SqliteConnection,
+    keys: &[(String, String, i64)],
+) -> Result<Vec<i64>, Error> {
+    let mut rows = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(INSERT_ROWS) {
+        let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO journaled_key_sequences (stream, partition_key, seq) VALUES {values} \
+             ON CONFLICT (stream, partition_key) DO UPDATE SET seq = seq + excluded.seq \
+             RETURNING stream, partition_key, seq"
+        );
+        let mut query = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql));
+        for (stream, key, count) in chunk {
+            query = query.bind(stream).bind(key).bind(count);
+        }
+        rows.extend(query.fetch_all(&mut *conn).await.map_err(db_error)?);
+    }
+    super::in_order(keys, rows)
 }
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
@@ -331,7 +359,8 @@ async fn status(pool: &SqlitePool) -> Result<Status, Error> {
            count(*) FILTER (WHERE dead_at IS NULL AND due_at > ?1) AS delayed_jobs, \
            count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_jobs, \
            coalesce(sum(event_count) FILTER (WHERE dead_at IS NOT NULL), 0) AS dead_events, \
-           min(due_at) FILTER (WHERE dead_at IS NULL AND due_at <= ?1) AS oldest \
+           min(due_at) FILTER (WHERE dead_at IS NULL AND due_at <= ?1) AS oldest, \
+           (SELECT count(*) FROM journaled_key_delivery WHERE parked_seq IS NOT NULL) AS parked \
          FROM journaled_jobs",
     )
     .bind(now)
@@ -348,6 +377,7 @@ async fn status(pool: &SqlitePool) -> Result<Status, Error> {
         dead_jobs: row.try_get("dead_jobs")?,
         dead_events: row.try_get("dead_events")?,
         oldest_pending_age_secs: oldest.map(|ms| (now - ms) as f64 / 1000.0),
+        parked_keys: row.try_get("parked")?,
     })
 }
 
@@ -493,6 +523,132 @@ async fn receipt_stats(pool: &SqlitePool) -> Result<ReceiptStats, Error> {
         latency_p99_secs: p99.map(|ms| ms as f64 / 1000.0),
         oldest_delivered_at: oldest.map(from_millis).transpose()?,
     })
+}
+
+async fn key_positions(
+    pool: &SqlitePool,
+    keys: &[(String, String)],
+) -> Result<Vec<(i64, bool)>, Error> {
+    let mut known: std::collections::HashMap<(String, String), (i64, bool)> = Default::default();
+    for chunk in keys.chunks(INSERT_ROWS) {
+        let values = vec!["(?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "SELECT stream, partition_key, delivered, parked_seq IS NOT NULL FROM journaled_key_delivery \
+             WHERE (stream, partition_key) IN (VALUES {values})"
+        );
+        let mut query = sqlx::query_as::<_, (String, String, i64, bool)>(sqlx::AssertSqlSafe(sql));
+        for (stream, key) in chunk {
+            query = query.bind(stream).bind(key);
+        }
+        for (stream, key, delivered, parked) in query.fetch_all(pool).await.map_err(db_error)? {
+            known.insert((stream, key), (delivered, parked));
+        }
+    }
+    Ok(keys
+        .iter()
+        .map(|k| known.get(k).copied().unwrap_or((0, false)))
+        .collect())
+}
+
+async fn advance_keys(pool: &SqlitePool, acked: &[(String, String, i64)]) -> Result<u64, Error> {
+    let mut moved = 0;
+    for chunk in acked.chunks(INSERT_ROWS) {
+        let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+        // A key not known yet starts at 0: only its sequence 1 may create it.
+        let sql = format!(
+            "INSERT INTO journaled_key_delivery (stream, partition_key, delivered) \
+             SELECT column1, column2, column3 FROM (VALUES {values}) AS t \
+             WHERE column3 = 1 OR EXISTS (SELECT 1 FROM journaled_key_delivery x \
+                                          WHERE x.stream = t.column1 AND x.partition_key = t.column2) \
+             ON CONFLICT (stream, partition_key) DO UPDATE SET delivered = excluded.delivered \
+             WHERE delivered = excluded.delivered - 1"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (stream, key, seq) in chunk {
+            query = query.bind(stream).bind(key).bind(seq);
+        }
+        moved += query.execute(pool).await.map_err(db_error)?.rows_affected();
+    }
+    Ok(moved)
+}
+
+async fn park_key(pool: &SqlitePool, key: &ParkedKey) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO journaled_key_delivery \
+             (stream, partition_key, delivered, parked_seq, parked_event, parked_reason, parked_at) \
+         VALUES (?1, ?2, ?3 - 1, ?3, ?4, ?5, ?6) \
+         ON CONFLICT (stream, partition_key) DO UPDATE SET parked_seq = excluded.parked_seq, \
+             parked_event = excluded.parked_event, parked_reason = excluded.parked_reason, \
+             parked_at = excluded.parked_at \
+         WHERE parked_seq IS NULL",
+    )
+    .bind(&key.stream)
+    .bind(&key.partition_key)
+    .bind(key.sequence)
+    .bind(&key.event_id)
+    .bind(&key.reason)
+    .bind(now_ms())
+    .execute(pool)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn parked_row(row: &sqlx::sqlite::SqliteRow) -> Result<ParkedKey, Error> {
+    let at: Option<i64> = row.try_get("parked_at")?;
+    Ok(ParkedKey {
+        stream: row.try_get("stream")?,
+        partition_key: row.try_get("partition_key")?,
+        sequence: row.try_get("parked_seq")?,
+        event_id: row.try_get("parked_event")?,
+        reason: row.try_get("parked_reason")?,
+        parked_at: at.map(from_millis).transpose()?,
+    })
+}
+
+async fn parked_keys(pool: &SqlitePool) -> Result<Vec<ParkedKey>, Error> {
+    let rows = sqlx::query(
+        "SELECT stream, partition_key, parked_seq, parked_event, parked_reason, parked_at \
+         FROM journaled_key_delivery WHERE parked_seq IS NOT NULL ORDER BY parked_at, stream, partition_key",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db_error)?;
+    rows.iter().map(parked_row).collect()
+}
+
+async fn unpark(
+    pool: &SqlitePool,
+    stream: &str,
+    partition_key: &str,
+    skip: bool,
+) -> Result<Option<ParkedKey>, Error> {
+    let mut tx = begin(pool).await?;
+    let row = sqlx::query(
+        "SELECT stream, partition_key, parked_seq, parked_event, parked_reason, parked_at \
+         FROM journaled_key_delivery WHERE stream = ?1 AND partition_key = ?2 AND parked_seq IS NOT NULL",
+    )
+    .bind(stream)
+    .bind(partition_key)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let parked = parked_row(&row)?;
+    sqlx::query(
+        "UPDATE journaled_key_delivery SET \
+             delivered = CASE WHEN ?3 AND delivered = parked_seq - 1 THEN parked_seq ELSE delivered END, \
+             parked_seq = NULL, parked_event = NULL, parked_reason = NULL, parked_at = NULL \
+         WHERE stream = ?1 AND partition_key = ?2",
+    )
+    .bind(stream)
+    .bind(partition_key)
+    .bind(skip)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    tx.commit().await?;
+    Ok(Some(parked))
 }
 
 impl_backend!(Sqlite, SqliteConnection, SqlitePool);

@@ -44,14 +44,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Make a job due now (dead or not), or every dead job with --all-dead.
+    /// Make a job due now (dead or not), every dead job with --all-dead, or send a parked
+    /// ordered key's refused record again with --key.
     Retry {
         /// The job to retry.
-        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        #[arg(required_unless_present_any = ["all_dead", "key"], conflicts_with_all = ["all_dead", "key"])]
         job_id: Option<i64>,
         /// Retry every dead job.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "key")]
         all_dead: bool,
+        /// Unpark an ordered key and send its refused record again (see `journaled status`).
+        #[arg(long, value_name = "STREAM/KEY")]
+        key: Option<String>,
+    },
+    /// Dead-letter a parked ordered key's refused record (it stays in its dead job) and let
+    /// the key's later records flow.
+    Skip {
+        /// The parked key (see `journaled status`).
+        #[arg(long, value_name = "STREAM/KEY")]
+        key: String,
     },
     /// Say where an event is: pending (its job), dead (the reason), delivered (stream, shard,
     /// sequence number, when, latency from commit), or unknown.

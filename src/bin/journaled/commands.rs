@@ -68,9 +68,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 DbPool::Postgres(pool) => journaled::store::receipt_stats(pool).await?,
                 DbPool::Sqlite(pool) => journaled::store::receipt_stats(pool).await?,
             };
+            let parked = match &pool {
+                DbPool::Postgres(pool) => journaled::store::ordering::parked_keys(pool).await?,
+                DbPool::Sqlite(pool) => journaled::store::ordering::parked_keys(pool).await?,
+            };
             if json {
                 let mut value = serde_json::to_value(&status).expect("status serializes");
                 value["receipts"] = serde_json::to_value(&receipts).expect("stats serialize");
+                value["parked"] = serde_json::to_value(&parked).expect("keys serialize");
                 out::line(value)?;
             } else {
                 out::line(format_args!(
@@ -90,6 +95,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
                         out::line(format_args!("oldest pending event: due {age:.1} s ago"))?
                     }
                     None => out::line("oldest pending event: none")?,
+                }
+                println!("parked:  {} ordered keys", parked.len());
+                for key in &parked {
+                    println!(
+                        "  {}/{} at record {} (event {}): {}",
+                        key.stream, key.partition_key, key.sequence, key.event_id, key.reason
+                    );
                 }
             }
             if !json {
@@ -129,9 +141,44 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 _ => ExitCode::SUCCESS,
             })
         }
+        Command::Retry { key: Some(key), .. } => {
+            let (stream, partition_key) = journaled::store::ordering::parse_key(&key)?;
+            let pool = DbPool::connect(&cli.database_url, false).await?;
+            let parked = match &pool {
+                DbPool::Postgres(pool) => {
+                    journaled::store::ordering::retry_key(pool, &stream, &partition_key).await?
+                }
+                DbPool::Sqlite(pool) => {
+                    journaled::store::ordering::retry_key(pool, &stream, &partition_key).await?
+                }
+            };
+            println!(
+                "journaled: {stream}/{partition_key} unparked; record {} (event {}) is sent again",
+                parked.sequence, parked.event_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Skip { key } => {
+            let (stream, partition_key) = journaled::store::ordering::parse_key(&key)?;
+            let pool = DbPool::connect(&cli.database_url, false).await?;
+            let parked = match &pool {
+                DbPool::Postgres(pool) => {
+                    journaled::store::ordering::skip_key(pool, &stream, &partition_key).await?
+                }
+                DbPool::Sqlite(pool) => {
+                    journaled::store::ordering::skip_key(pool, &stream, &partition_key).await?
+                }
+            };
+            println!(
+                "journaled: {stream}/{partition_key} resumes after record {}; event {} stays dead-lettered",
+                parked.sequence, parked.event_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Retry {
             job_id,
             all_dead: _,
+            key: None,
         } => {
             let pool = DbPool::connect(&cli.database_url, false).await?;
             let job = job_id.map(JobId);

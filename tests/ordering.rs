@@ -1,0 +1,654 @@
+//! Ordered delivery per (stream, partition key), issue 14: a gap-free sequence taken in the
+//! writer's transaction, in commit order, in each event's envelope.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::kinesis::{Emulator, FaultProxy, Kind, kinesis_config};
+use common::{AppSql, TestDb, test_config, wait_until};
+use journaled::kinesis::KinesisSink;
+use journaled::{Backend, Error, JournalError, Journaled, Worker, WorkerConfig, journal};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Ordered by type: every event of a key gets the key's next sequence.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", ordered)]
+struct Ordered {
+    #[journaled(partition_key)]
+    account: String,
+    n: i64,
+}
+
+/// Not ordered by type (ordered only on a stream configured so).
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct Plain {
+    #[journaled(partition_key)]
+    account: String,
+    n: i64,
+}
+
+/// An ordered event whose size the test chooses.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", ordered)]
+struct OrderedBlob {
+    #[journaled(partition_key)]
+    account: String,
+    blob: String,
+}
+
+/// A hand-written ordered event.
+#[derive(Serialize)]
+struct HandWritten {
+    n: i64,
+}
+
+impl journaled::Event for HandWritten {
+    const EVENT_TYPE: &'static str = "free_event";
+    const ORDERED: bool = true;
+
+    fn partition_key(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some("hand".into())
+    }
+}
+
+/// An ordered event whose schema forbids properties it does not list (`sequence` too).
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "strict_ordered_event", ordered)]
+struct StrictOrdered {
+    #[journaled(partition_key)]
+    account: String,
+    n: i64,
+}
+
+/// An ordered event may not carry its own `sequence`.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", ordered)]
+struct ClaimsSequence {
+    #[journaled(partition_key)]
+    account: String,
+    sequence: i64,
+}
+
+/// Ordered, but keyed by its own id (no partition key): nothing to order it with.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", ordered)]
+struct Unkeyed {
+    n: i64,
+}
+
+/// (key, sequence in the envelope, sequence in the stored record, data) of every stored event,
+/// in job and record order.
+async fn sequences<DB: Backend>(
+    journaled: &Journaled<DB>,
+) -> Vec<(String, Option<i64>, Option<i64>, String)> {
+    let mut out = Vec::new();
+    for job in journaled.jobs().await.unwrap() {
+        for record in job.records().unwrap() {
+            let text = String::from_utf8(record.data().to_vec()).unwrap();
+            let value: Value = serde_json::from_str(&text).unwrap();
+            out.push((
+                record.partition_key.clone(),
+                value["sequence"].as_i64(),
+                record.sequence,
+                text,
+            ));
+        }
+    }
+    out
+}
+
+/// Concurrent writers of two keys (each transaction journals b, a, a, a), some rolled back, and
+/// one event journaled outside a transaction: per key the sequences are 1..=n with no gap and
+/// no repeat; within a transaction they follow `journal!` order; the sequence sits in the
+/// envelope right after `created_at`, and in the stored record.
+async fn sequences_are_gap_free_and_follow_journal_order<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let journaled = journaled.clone();
+        writers.push(tokio::spawn(async move {
+            for t in 0..10 {
+                let mut tx = journaled.begin().await.unwrap();
+                journal!(
+                    tx,
+                    Ordered {
+                        account: "b".into(),
+                        n: w * 100 + t
+                    }
+                )
+                .unwrap();
+                for _ in 0..3 {
+                    journal!(
+                        tx,
+                        Ordered {
+                            account: "a".into(),
+                            n: w * 100 + t
+                        }
+                    )
+                    .unwrap();
+                }
+                if t % 5 == 4 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                }
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    journal!(
+        journaled,
+        Ordered {
+            account: "b".into(),
+            n: -1
+        }
+    )
+    .await
+    .unwrap();
+
+    let stored = sequences(&journaled).await;
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (key, in_envelope, in_record, text) in &stored {
+        assert_eq!(in_envelope, in_record, "{text}");
+        let seq = in_envelope.unwrap_or_else(|| panic!("no sequence: {text}"));
+        per_key.entry(key.clone()).or_default().push(seq);
+        let created = text.find("\"created_at\"").unwrap();
+        let sequence = text.find("\"sequence\"").unwrap();
+        let account = text.find("\"account\"").unwrap();
+        assert!(created < sequence && sequence < account, "{text}");
+    }
+    // 4 writers × 8 committed transactions.
+    let a = per_key.remove("a").unwrap();
+    let b = per_key.remove("b").unwrap();
+    let mut sorted = a.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=96).collect::<Vec<_>>());
+    let mut sorted = b.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=33).collect::<Vec<_>>());
+    // One transaction is one job: its three `a` events are consecutive, in journal order.
+    for chunk in a.chunks(3) {
+        assert_eq!(chunk, [chunk[0], chunk[0] + 1, chunk[0] + 2], "{a:?}");
+    }
+}
+
+/// `Config::with_ordered_stream` orders every event of that stream; other events carry no
+/// sequence and keep today's envelope; an ordered event may not name an attribute `sequence`.
+async fn an_ordered_stream_orders_every_event_type<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    db.migrated().await;
+    let plain = db.journaled(test_config());
+    journal!(
+        plain,
+        Plain {
+            account: "k".into(),
+            n: 1
+        }
+    )
+    .await
+    .unwrap();
+    let ordered = db.journaled(test_config().with_ordered_stream("test_stream"));
+    let mut tx = ordered.begin().await.unwrap();
+    journal!(
+        tx,
+        Plain {
+            account: "k".into(),
+            n: 2
+        }
+    )
+    .unwrap();
+    journal!(
+        tx,
+        Plain {
+            account: "k".into(),
+            n: 3
+        }
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+    let seqs: Vec<Option<i64>> = sequences(&plain).await.into_iter().map(|s| s.1).collect();
+    assert_eq!(seqs, [None, Some(1), Some(2)]);
+
+    // Keyed by its own id, an event takes no sequence (and no row per event).
+    journal!(ordered, Unkeyed { n: 1 }).await.unwrap();
+    let last = sequences(&plain).await.pop().unwrap();
+    assert_eq!((last.1, last.2), (None, None), "{}", last.3);
+
+    // A hand-written `Event` opts in with `const ORDERED`.
+    journal!(plain, HandWritten { n: 1 }).await.unwrap();
+    journal!(plain, HandWritten { n: 2 }).await.unwrap();
+    let hand: Vec<Option<i64>> = sequences(&plain)
+        .await
+        .into_iter()
+        .filter(|s| s.0 == "hand")
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(hand, [Some(1), Some(2)]);
+
+    // The schemas see the sequence at `journal!`: one that forbids it fails there, not later.
+    let strict = |account: &str| StrictOrdered {
+        account: account.into(),
+        n: 1,
+    };
+    let err = plain.validate(&strict("k")).unwrap_err();
+    assert!(
+        matches!(err, JournalError::SchemaViolation { .. })
+            && err.to_string().contains("'sequence' was unexpected"),
+        "{err}"
+    );
+
+    let err = plain
+        .validate(&ClaimsSequence {
+            account: "k".into(),
+            sequence: 7,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, JournalError::ReservedAttribute { name, .. } if name == "sequence"),
+        "{err}"
+    );
+}
+
+fn worker_config() -> WorkerConfig {
+    WorkerConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
+        .with_lease(Duration::from_secs(10))
+        .with_backoff_base(Duration::from_millis(20))
+        .with_backoff_max(Duration::from_millis(300))
+        .with_configuration_backoff(Duration::from_millis(200))
+        .with_shutdown_timeout(Duration::from_secs(5))
+}
+
+/// A worker running until the returned sender is dropped or fires.
+async fn spawn_worker<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    endpoint: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), Error>>,
+) {
+    let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
+    let worker = Worker::new(pool.clone(), sink, worker_config()).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = rx.await;
+    }));
+    (tx, handle)
+}
+
+/// The parked keys; none when the (shared, busy) server fails a poll: it polls again.
+async fn parked_or_none<DB: Backend>(pool: &sqlx::Pool<DB>) -> Vec<journaled::store::ParkedKey> {
+    journaled::store::ordering::parked_keys(pool)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("listing parked keys failed, polling again: {e}");
+            Vec::new()
+        })
+}
+
+/// Per partition key, the sequences in the order they first appear in the stream.
+async fn first_appearances(emulator: &Emulator, stream: &str) -> BTreeMap<String, Vec<i64>> {
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for record in emulator.read(stream).await {
+        let value: Value = serde_json::from_slice(&record.data).unwrap();
+        let seq = value["sequence"].as_i64().expect("an ordered record");
+        let seen = out.entry(record.partition_key).or_default();
+        if !seen.contains(&seq) {
+            seen.push(seq);
+        }
+    }
+    out
+}
+
+/// Key `a`'s second record is refused for good (over the emulator's 1 MiB): `a` parks with the
+/// reason, its later records wait, key `b` flows in order. `skip --key` dead-letters the
+/// refused record and `a`'s later records follow, in order. Unknown keys and bad key syntax
+/// are errors.
+async fn a_refused_record_parks_only_its_key<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    db.migrated().await;
+    let journaled = db.journaled(test_config().with_max_record_size(2 * 1024 * 1024));
+    let small = |account: &str| OrderedBlob {
+        account: account.into(),
+        blob: "x".into(),
+    };
+    for t in 0..4 {
+        let mut tx = journaled.begin().await.unwrap();
+        if t == 1 {
+            journal!(
+                tx,
+                OrderedBlob {
+                    account: "a".into(),
+                    blob: "x".repeat(1024 * 1024 + 10)
+                }
+            )
+            .unwrap();
+        } else {
+            journal!(tx, small("a")).unwrap();
+        }
+        journal!(tx, small("b")).unwrap();
+        journal!(tx, small("b")).unwrap();
+        tx.commit().await.unwrap();
+    }
+    let (stop, handle) = spawn_worker(&db.pool, &emulator.endpoint()).await;
+    wait_until(60, "a is parked and b is delivered", || async {
+        let parked = parked_or_none(&db.pool).await;
+        let seen = first_appearances(&emulator, "test_stream").await;
+        parked.len() == 1 && seen.get("b").map_or(0, Vec::len) == 8
+    })
+    .await;
+    let parked = journaled::store::ordering::parked_keys(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            parked[0].stream.as_str(),
+            parked[0].partition_key.as_str(),
+            parked[0].sequence
+        ),
+        ("test_stream", "a", 2)
+    );
+    assert!(
+        parked[0].reason.contains("ValidationException"),
+        "{}",
+        parked[0].reason
+    );
+    let status = journaled::store::status(&db.pool).await.unwrap();
+    assert_eq!(status.parked_keys, 1);
+    let seen = first_appearances(&emulator, "test_stream").await;
+    assert_eq!(seen["a"], [1], "a's later records wait");
+    assert_eq!(seen["b"], (1..=8).collect::<Vec<_>>());
+
+    // Error paths: a key that is not parked, a key without a stream.
+    let err = journaled::store::ordering::skip_key(&db.pool, "test_stream", "b")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotParked { .. }), "{err}");
+    assert!(
+        err.to_string().contains("test_stream/b is not parked"),
+        "{err}"
+    );
+    for bad in ["no-slash", "/key", "stream/"] {
+        let err = journaled::store::ordering::parse_key(bad).unwrap_err();
+        assert!(err.to_string().contains("STREAM/KEY"), "{err}");
+    }
+    assert_eq!(
+        journaled::store::ordering::parse_key("s/a/b").unwrap(),
+        ("s".to_owned(), "a/b".to_owned())
+    );
+
+    // Parked before its job is settled: wait until the refused record is in a dead job.
+    wait_until(60, "the refused record's job is dead", || async {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        jobs.iter().any(|j| j.dead_at.is_some())
+    })
+    .await;
+    // `retry --key`: the refused record is sent again (and refused again: the key parks again
+    // at the same record, with nothing of `a` delivered meanwhile).
+    let retried = journaled::store::ordering::retry_key(&db.pool, "test_stream", "a")
+        .await
+        .unwrap();
+    assert_eq!(retried.sequence, 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        let parked = parked_or_none(&db.pool).await;
+        if parked.len() == 1 && jobs.iter().any(|j| j.dead_at.is_some() && j.attempts == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a is not parked again: {parked:?}\n{:#?}",
+            jobs.iter()
+                .map(|j| (
+                    j.id,
+                    j.attempts,
+                    j.dead_at.is_some(),
+                    j.last_error.clone(),
+                    j.event_count
+                ))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first_appearances(&emulator, "test_stream").await["a"], [1]);
+
+    let skipped = journaled::store::ordering::skip_key(&db.pool, "test_stream", "a")
+        .await
+        .unwrap();
+    assert_eq!(skipped.sequence, 2);
+    wait_until(60, "a's later records are delivered", || async {
+        let seen = first_appearances(&emulator, "test_stream").await;
+        seen["a"].len() == 3
+    })
+    .await;
+    assert_eq!(
+        first_appearances(&emulator, "test_stream").await["a"],
+        [1, 3, 4]
+    );
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    // The refused record stays dead-lettered with its reason; nothing else is left.
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].dead_at.is_some());
+    assert!(
+        journaled::store::ordering::parked_keys(&db.pool)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Concurrent writers of one hot key (and a key each), two workers delivering while they
+/// write, through a proxy that fails requests: per key, the sequences first appear in the
+/// stream in increasing order with no gap, through throttled records, server errors, resets and
+/// timeouts.
+async fn commit_order_per_key_survives_concurrency_and_throttling<DB: Backend + AppSql>(
+    db: &TestDb<DB>,
+) {
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 2).await;
+    let proxy = FaultProxy::start(emulator.port).await;
+    proxy.faults.throttle_every.store(2, Ordering::SeqCst);
+    proxy.faults.throttle_requests.store(30, Ordering::SeqCst);
+    // Unknown outcomes too: server errors, resets, and responses slower than the read timeout.
+    proxy.faults.fail_500.store(2, Ordering::SeqCst);
+    proxy.faults.reset.store(2, Ordering::SeqCst);
+    *proxy.faults.slow_for.lock().unwrap() = Duration::from_secs(4); // read timeout: 2 s
+    proxy.faults.slow.store(2, Ordering::SeqCst);
+    let journaled = db.migrated().await;
+    let one = spawn_worker(&db.pool, &proxy.endpoint()).await;
+    let two = spawn_worker(&db.pool, &proxy.endpoint()).await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let journaled = journaled.clone();
+        writers.push(tokio::spawn(async move {
+            for t in 0..15 {
+                let mut tx = journaled.begin().await.unwrap();
+                for _ in 0..2 {
+                    journal!(
+                        tx,
+                        Ordered {
+                            account: "hot".into(),
+                            n: w * 100 + t
+                        }
+                    )
+                    .unwrap();
+                }
+                journal!(
+                    tx,
+                    Ordered {
+                        account: format!("w{w}"),
+                        n: t
+                    }
+                )
+                .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    wait_until(90, "every job is delivered", || async {
+        // A poll may meet a busy shared server; it polls again (the deadline still holds).
+        match journaled.jobs().await {
+            Ok(jobs) => jobs.is_empty(),
+            Err(e) => {
+                eprintln!("listing jobs failed, polling again: {e}");
+                false
+            }
+        }
+    })
+    .await;
+    for (stop, handle) in [one, two] {
+        let _ = stop.send(());
+        handle.await.unwrap().unwrap();
+    }
+    let f = &proxy.faults;
+    assert!(f.throttled_records.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        (
+            f.injected_500.load(Ordering::SeqCst),
+            f.injected_resets.load(Ordering::SeqCst),
+            f.injected_slow.load(Ordering::SeqCst)
+        ),
+        (2, 2, 2)
+    );
+    let seen = first_appearances(&emulator, "test_stream").await;
+    assert_eq!(seen["hot"], (1..=120).collect::<Vec<_>>());
+    for w in 0..4 {
+        assert_eq!(seen[&format!("w{w}")], (1..=15).collect::<Vec<_>>());
+    }
+}
+
+on_both_backends!(
+    sequences_are_gap_free_and_follow_journal_order,
+    an_ordered_stream_orders_every_event_type,
+    a_refused_record_parks_only_its_key,
+    commit_order_per_key_survives_concurrency_and_throttling,
+);
+
+/// A sink that acknowledges every record but refuses for good those whose data says "refuse".
+struct RefusingSink;
+
+impl journaled::delivery::Sink for RefusingSink {
+    fn put_records<'a>(
+        &'a self,
+        _stream: &'a str,
+        records: &'a [journaled::delivery::OutRecord<'a>],
+    ) -> journaled::BoxFuture<
+        'a,
+        Result<Vec<Option<journaled::delivery::Failure>>, journaled::delivery::Failure>,
+    > {
+        let outcomes = records
+            .iter()
+            .map(|r| {
+                String::from_utf8_lossy(r.data).contains("refuse").then(|| {
+                    journaled::delivery::Failure {
+                        class: journaled::delivery::ErrorClass::Permanent,
+                        code: "Refused".into(),
+                        message: "refused for good".into(),
+                    }
+                })
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(outcomes)))
+    }
+}
+
+/// When the worker cannot write a key's progress or park it (the database fails those writes),
+/// nothing is lost: acknowledged records stay in their job and go again, and a refused record
+/// stays pending (not dead, the key not silently stalled) until parking succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_and_parking_survive_database_errors() {
+    let db = TestDb::<sqlx::Sqlite>::new().await;
+    let journaled = db.migrated().await;
+    sqlx::raw_sql(
+        "CREATE TRIGGER fail_key_delivery BEFORE INSERT ON journaled_key_delivery \
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(
+        tx,
+        Ordered {
+            account: "ok".into(),
+            n: 1
+        }
+    )
+    .unwrap();
+    journal!(
+        tx,
+        Ordered {
+            account: "ok".into(),
+            n: 2
+        }
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+    journal!(
+        journaled,
+        OrderedBlob {
+            account: "bad".into(),
+            blob: "refuse".into()
+        }
+    )
+    .await
+    .unwrap();
+
+    let worker = Worker::new(db.pool.clone(), RefusingSink, worker_config()).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = rx.await;
+    }));
+    wait_until(30, "each failure is recorded on its job", || async {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        let error = |i: usize| jobs[i].last_error.clone().unwrap_or_default();
+        jobs.len() == 2
+            && jobs.iter().all(|j| j.dead_at.is_none())
+            && (jobs[0].event_count, jobs[1].event_count) == (2, 1)
+            && error(0).contains("progress was not recorded")
+            && error(1).contains("parking its key failed")
+    })
+    .await;
+    assert!(parked_or_none(&db.pool).await.is_empty());
+
+    sqlx::raw_sql("DROP TRIGGER fail_key_delivery")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_until(30, "`ok` is delivered and `bad` is parked", || async {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        let parked = parked_or_none(&db.pool).await;
+        parked.len() == 1
+            && parked[0].partition_key == "bad"
+            && jobs.len() == 1
+            && jobs[0].dead_at.is_some()
+            && jobs[0].event_count == 1
+            && jobs[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("Refused"))
+    })
+    .await;
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let delivered: i64 = sqlx::query_scalar(
+        "SELECT delivered FROM journaled_key_delivery WHERE partition_key = 'ok'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(delivered, 2);
+}
