@@ -13,7 +13,7 @@ use journaled::store::{Receipt, Trace};
 use journaled::{CaptureError, Config, Error};
 
 use crate::args::{CaptureCommand, CaptureEnableArgs, Cli, Command, SchemasCommand, WorkerArgs};
-use crate::db::DbPool;
+use crate::db::{DbPool, on_pool};
 use crate::out::{self, PipeClosed};
 
 /// Why a command did not succeed.
@@ -60,18 +60,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
         Command::Capture { command } => Ok(run_capture(&cli.database_url, command).await?),
         Command::Status { json } => {
             let pool = DbPool::connect(&cli.database_url, false).await?;
-            let status = match &pool {
-                DbPool::Postgres(pool) => journaled::store::status(pool).await?,
-                DbPool::Sqlite(pool) => journaled::store::status(pool).await?,
-            };
-            let receipts = match &pool {
-                DbPool::Postgres(pool) => journaled::store::receipt_stats(pool).await?,
-                DbPool::Sqlite(pool) => journaled::store::receipt_stats(pool).await?,
-            };
-            let parked = match &pool {
-                DbPool::Postgres(pool) => journaled::store::ordering::parked_keys(pool).await?,
-                DbPool::Sqlite(pool) => journaled::store::ordering::parked_keys(pool).await?,
-            };
+            let status = on_pool!(&pool, pool => journaled::store::status(pool).await?);
+            let receipts = on_pool!(&pool, pool => journaled::store::receipt_stats(pool).await?);
+            let parked =
+                on_pool!(&pool, pool => journaled::store::ordering::parked_keys(pool).await?);
             if json {
                 let mut value = serde_json::to_value(&status).expect("status serializes");
                 value["receipts"] = serde_json::to_value(&receipts).expect("stats serialize");
@@ -127,10 +119,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
             })?;
             let event = journaled::EventId(id);
             let pool = DbPool::connect(&cli.database_url, false).await?;
-            let trace = match &pool {
-                DbPool::Postgres(pool) => journaled::store::trace(pool, event).await?,
-                DbPool::Sqlite(pool) => journaled::store::trace(pool, event).await?,
-            };
+            let trace = on_pool!(&pool, pool => journaled::store::trace(pool, event).await?);
             let record = match (&trace, fetch) {
                 (Trace::Delivered(receipt), true) => Some(fetch_record(&aws, receipt).await?),
                 _ => None,
@@ -144,14 +133,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
         Command::Retry { key: Some(key), .. } => {
             let (stream, partition_key) = journaled::store::ordering::parse_key(&key)?;
             let pool = DbPool::connect(&cli.database_url, false).await?;
-            let parked = match &pool {
-                DbPool::Postgres(pool) => {
-                    journaled::store::ordering::retry_key(pool, &stream, &partition_key).await?
-                }
-                DbPool::Sqlite(pool) => {
-                    journaled::store::ordering::retry_key(pool, &stream, &partition_key).await?
-                }
-            };
+            let parked = on_pool!(&pool, pool => journaled::store::ordering::retry_key(pool, &stream, &partition_key).await?);
             println!(
                 "journaled: {stream}/{partition_key} unparked; record {} (event {}) is sent again",
                 parked.sequence, parked.event_id
@@ -161,14 +143,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
         Command::Skip { key } => {
             let (stream, partition_key) = journaled::store::ordering::parse_key(&key)?;
             let pool = DbPool::connect(&cli.database_url, false).await?;
-            let parked = match &pool {
-                DbPool::Postgres(pool) => {
-                    journaled::store::ordering::skip_key(pool, &stream, &partition_key).await?
-                }
-                DbPool::Sqlite(pool) => {
-                    journaled::store::ordering::skip_key(pool, &stream, &partition_key).await?
-                }
-            };
+            let parked = on_pool!(&pool, pool => journaled::store::ordering::skip_key(pool, &stream, &partition_key).await?);
             println!(
                 "journaled: {stream}/{partition_key} resumes after record {}; event {} stays dead-lettered",
                 parked.sequence, parked.event_id
@@ -182,10 +157,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
         } => {
             let pool = DbPool::connect(&cli.database_url, false).await?;
             let job = job_id.map(JobId);
-            let n = match &pool {
-                DbPool::Postgres(pool) => journaled::store::retry(pool, job).await?,
-                DbPool::Sqlite(pool) => journaled::store::retry(pool, job).await?,
-            };
+            let n = on_pool!(&pool, pool => journaled::store::retry(pool, job).await?);
             match job {
                 Some(id) if n == 0 => {
                     return Err(Error::Config(format!(

@@ -2,6 +2,17 @@
 
 use journaled::Error;
 
+/// Runs `$body` with `$pool` bound to the backend's own pool, whichever it is.
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::DbPool::Postgres($pool) => $body,
+            $crate::db::DbPool::Sqlite($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
 /// A pool on whichever backend the URL names.
 #[derive(Debug, Clone)]
 pub enum DbPool {
@@ -71,10 +82,7 @@ impl DbPool {
 
     /// Runs journaled's migrations.
     pub async fn migrate(&self) -> Result<(), Error> {
-        match self {
-            DbPool::Postgres(pool) => journaled::migrate(pool).await,
-            DbPool::Sqlite(pool) => journaled::migrate(pool).await,
-        }
+        on_pool!(self, pool => journaled::migrate(pool).await)
     }
 }
 
