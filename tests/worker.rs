@@ -1174,3 +1174,108 @@ async fn reschedule_splits_and_retry_spares_leased_jobs<DB: Backend + AppSql>(db
 }
 
 on_both_backends!(reschedule_splits_and_retry_spares_leased_jobs);
+
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", delay_secs = 60)]
+struct InAMinute {
+    n: i64,
+}
+
+/// Delays and backoff count from the database's clock, never the process's: here the
+/// database's clock runs two minutes ahead of the process (its `now()` is shadowed in the
+/// connections' search path), as a worker or application host whose clock is two minutes
+/// slow sees it. A due time computed as process time + 60 s would already have passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_times_follow_the_database_clock_not_the_process_clock() {
+    use journaled::store::Reschedule;
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    sqlx::raw_sql(
+        "CREATE SCHEMA skew; \
+         CREATE FUNCTION skew.now() RETURNS timestamptz LANGUAGE sql STABLE \
+             AS $$ SELECT pg_catalog.now() + interval '2 minutes' $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET search_path = skew, pg_catalog")
+                    .execute(conn)
+                    .await
+                    .map(drop)
+            })
+        })
+        .connect(&db.url())
+        .await
+        .unwrap();
+    let skewed: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM now() - pg_catalog.now())::float8")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(skewed, 120.0, "the database's clock runs ahead");
+    let journaled = Journaled::new(pool.clone(), common::test_config());
+    journaled.migrate().await.unwrap();
+    let lease = Duration::from_secs(30);
+
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, InAMinute { n: 1 }).unwrap();
+    tx.commit().await.unwrap();
+    let claimed = sqlx::Postgres::claim(&pool, "owner-1", 10, 1 << 20, lease)
+        .await
+        .unwrap();
+    assert!(
+        claimed.is_empty(),
+        "a delay counts from the database's clock"
+    );
+
+    journal!(
+        journaled,
+        TestEvent {
+            name: "now".into(),
+            count: 1
+        }
+    )
+    .await
+    .unwrap();
+    let claimed = sqlx::Postgres::claim(&pool, "owner-2", 10, 1 << 20, lease)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let rescheduled = sqlx::Postgres::reschedule(
+        &pool,
+        "owner-2",
+        &Reschedule {
+            id: claimed[0].id,
+            records: None,
+            attempts: 1,
+            transient_failures: 0,
+            delay: Duration::from_secs(60),
+            last_error: "throttled".into(),
+            dead: false,
+            split_dead: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(rescheduled);
+    let claimed = sqlx::Postgres::claim(&pool, "owner-3", 10, 1 << 20, lease)
+        .await
+        .unwrap();
+    assert!(
+        claimed.is_empty(),
+        "a backoff counts from the database's clock"
+    );
+    let ahead: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM run_at - now())::float8 FROM journaled.jobs ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        ahead.iter().all(|s| (50.0..=61.0).contains(s)),
+        "due a minute after the database's now: {ahead:?}"
+    );
+}
