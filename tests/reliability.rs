@@ -10,6 +10,11 @@
 //! than three backoff rounds; and STS refusing the workers' assume-role for 6 s, while every
 //! worker is replaced so that each must get credentials anew.
 //!
+//! Ordered events (issue 14) ride along: in half the transactions the writers also journal 1–3
+//! ordered events on ~1,000 keys (one in ten on one of three hot keys), to their own stream. At
+//! the end, per key, the first appearance of each sequence number in the stream must come in
+//! increasing order with no gap, and no sequence may belong to two events.
+//!
 //! `cargo test --test reliability` runs it for 45 s; `JOURNALED_SOAK_SECS=600` soaks.
 //! `JOURNALED_RELIABILITY_PG_RESTART=0` skips restarting PostgreSQL (needs `pg_ctlcluster`).
 
@@ -34,6 +39,19 @@ const MAX_ATTEMPTS: i32 = 3;
 /// How long the outage and the credentials failure last.
 const PHASE: Duration = Duration::from_secs(6);
 const MISSING_STREAM: &str = "rel_missing";
+/// The ordered events' stream.
+const ORDERED_STREAM: &str = "rel_ordered";
+/// Uniform keys of the ordered events; a tenth of them go to one of three hot keys instead.
+const ORDERED_KEYS: usize = 1_000;
+
+/// Delivered in commit order per key.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", ordered, stream = "rel_ordered")]
+struct OrderedEvent {
+    #[journaled(partition_key)]
+    key: String,
+    writer: usize,
+}
 
 #[derive(Serialize)]
 struct RelEvent {
@@ -90,6 +108,8 @@ struct Ledger {
     rolled_back: HashSet<String>,
     /// Committed to a stream that does not exist: must stay pending, never dead.
     to_missing_stream: HashSet<String>,
+    /// Every ordered event staged, whatever became of its transaction.
+    ordered: HashSet<String>,
     transactions: u64,
     bad_inputs_refused: u64,
 }
@@ -223,6 +243,21 @@ async fn writer(
                 missing.push(event_id)
             } else {
                 ids.push(event_id)
+            }
+        }
+        if rng.bool() {
+            // Ordered events: mostly spread over many keys, some on a few hot ones.
+            for _ in 0..rng.usize(1..=3) {
+                let key = if rng.u32(..10) == 0 {
+                    format!("hot-{}", rng.usize(..3))
+                } else {
+                    format!("key-{}", rng.usize(..ORDERED_KEYS))
+                };
+                let event_id = journal!(tx, OrderedEvent { key, writer: id })
+                    .unwrap()
+                    .to_string();
+                ledger.lock().unwrap().ordered.insert(event_id.clone());
+                ids.push(event_id);
             }
         }
         if rng.u32(..10) == 0 {
@@ -385,6 +420,65 @@ async fn bad_inputs(journaled: &Journaled<sqlx::Postgres>, db: &TestDb<sqlx::Pos
     checked
 }
 
+/// What the ordered stream shows, per key.
+struct OrderCheck {
+    records: usize,
+    keys: usize,
+    /// The last sequence of each hot key.
+    hot: BTreeMap<String, i64>,
+    /// (key, sequence first seen, the highest first seen before it) where it went backwards.
+    out_of_order: Vec<(String, i64, i64)>,
+    /// (key, sequence first seen, the one expected): a sequence skipped.
+    gaps: Vec<(String, i64, i64)>,
+    /// (key, sequence): on two different events.
+    reused: Vec<(String, i64)>,
+}
+
+/// Per key, in stream order (a key's records are on one shard, in order): each sequence's first
+/// appearance must be its predecessor's successor, starting at 1; a repeat (an at-least-once
+/// duplicate) must be the same event.
+fn check_order(records: &[journaled::kinesis::ReadRecord]) -> OrderCheck {
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    let mut owner: HashMap<(&str, i64), String> = HashMap::new();
+    let mut check = OrderCheck {
+        records: records.len(),
+        keys: 0,
+        hot: BTreeMap::new(),
+        out_of_order: Vec::new(),
+        gaps: Vec::new(),
+        reused: Vec::new(),
+    };
+    for record in records {
+        let value: Value = serde_json::from_slice(&record.data).unwrap();
+        let key = record.partition_key.as_str();
+        let seq = value["sequence"]
+            .as_i64()
+            .expect("an ordered record has a sequence");
+        let id = value["id"].as_str().unwrap().to_owned();
+        if let Some(first) = owner.get(&(key, seq)) {
+            if *first != id {
+                check.reused.push((key.to_owned(), seq));
+            }
+            continue; // a duplicate: its first appearance counted
+        }
+        owner.insert((key, seq), id);
+        let highest = last.entry(key).or_insert(0);
+        if seq < *highest {
+            check.out_of_order.push((key.to_owned(), seq, *highest));
+        } else if seq != *highest + 1 {
+            check.gaps.push((key.to_owned(), seq, *highest + 1));
+        }
+        *highest = (*highest).max(seq);
+    }
+    check.keys = last.len();
+    check.hot = last
+        .iter()
+        .filter(|(k, _)| k.starts_with("hot-"))
+        .map(|(k, s)| ((*k).to_owned(), *s))
+        .collect();
+    check
+}
+
 fn malformed_configuration_is_refused(db_url: &str) -> usize {
     let cases = [
         ("worker", "JOURNALED_WORKER_BATCH_SIZE", "lots"),
@@ -430,7 +524,7 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
     let _ = std::fs::remove_dir_all(&data_dir);
     std::fs::create_dir_all(&data_dir).unwrap();
     let mut emulator = Emulator::start_persistent(&data_dir).await;
-    for stream in STREAMS {
+    for stream in STREAMS.into_iter().chain([ORDERED_STREAM]) {
         emulator.create_stream(stream, 2).await;
     }
     let proxy = FaultProxy::start(emulator.port).await;
@@ -562,7 +656,8 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         counter.store(0, Ordering::SeqCst);
     }
     f.down.store(false, Ordering::SeqCst);
-    let drain_deadline = Instant::now() + Duration::from_secs(120);
+    let drain_started = Instant::now();
+    let drain_deadline = drain_started + Duration::from_secs(120);
     loop {
         let left: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM journaled.jobs WHERE dead_at IS NULL AND records NOT LIKE '%\"stream\":\"rel_missing\"%'",
@@ -579,6 +674,7 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let drained_in = drain_started.elapsed();
     for w in &mut workers {
         let _ = Command::new("kill")
             .args(["-TERM", &w.id().to_string()])
@@ -590,7 +686,8 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
 
     let mut delivered: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
     let mut records = 0u64;
-    for stream in STREAMS {
+    let ordered = check_order(&emulator.read(ORDERED_STREAM).await);
+    for stream in STREAMS.into_iter().chain([ORDERED_STREAM]) {
         for record in emulator.read(stream).await {
             records += 1;
             let value: Value = serde_json::from_slice(&record.data).unwrap();
@@ -656,14 +753,21 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         .filter(|id| stuck.contains(*id))
         .count();
     let config_errors = malformed_configuration_is_refused(&db.url());
+    let ordered_committed = ledger
+        .ordered
+        .iter()
+        .filter(|id| ledger.committed.contains_key(*id))
+        .count();
 
     let report = format!(
-        "reliability: {:.0} s of chaos, {} s in all; {} transactions; {} events committed, {} rolled back, {} uncertain (COMMIT interrupted; {} of them delivered); \
+        "reliability: {:.0} s of chaos, drained {:.1} s after, {} s in all; {} transactions; {} events committed, {} rolled back, {} uncertain (COMMIT interrupted; {} of them delivered); \
          {} bad inputs refused in flight + {} checked one by one + {} malformed settings refused; \
          {} records read back, {} distinct events delivered, {} duplicates; lost {}, rolled-back escaped {}, unknown {}, bytes mismatched {}; \
          {} events for a missing stream still pending (never dead), corrupt row dead, dead otherwise {}; \
-         most failed rounds of a pending job (max attempts {}): {:?}; faults: {:?}",
+         most failed rounds of a pending job (max attempts {}): {:?}; \
+         ordered: {} events committed on {} keys ({} records read back, hot keys' last sequences {:?}), out of order {}, gaps {}, a sequence on two events {}; faults: {:?}",
         seconds as f64,
+        drained_in.as_secs_f64(),
         started.elapsed().as_secs(),
         ledger.transactions,
         ledger.committed.len(),
@@ -684,6 +788,13 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         dead.len() - 1,
         MAX_ATTEMPTS,
         most_attempts,
+        ordered_committed,
+        ordered.keys,
+        ordered.records,
+        ordered.hot,
+        ordered.out_of_order.len(),
+        ordered.gaps.len(),
+        ordered.reused.len(),
         faults
     );
     println!("{report}");
@@ -706,6 +817,26 @@ async fn nothing_committed_is_lost_and_nothing_rolled_back_escapes() {
         "events delivered that nobody committed: {unknown:?}"
     );
     assert_eq!(mismatched, 0, "delivered bytes differ from stored bytes");
+    assert!(
+        ordered.out_of_order.is_empty(),
+        "first appearances out of order: {:?}",
+        &ordered.out_of_order[..ordered.out_of_order.len().min(10)]
+    );
+    assert!(
+        ordered.gaps.is_empty(),
+        "sequence gaps: {:?}",
+        &ordered.gaps[..ordered.gaps.len().min(10)]
+    );
+    assert!(
+        ordered.reused.is_empty(),
+        "a sequence on two events: {:?}",
+        &ordered.reused[..ordered.reused.len().min(10)]
+    );
+    assert!(
+        ordered_committed > 100 && ordered.keys > 100,
+        "too few ordered events ({ordered_committed}) or keys ({}) to mean anything",
+        ordered.keys
+    );
     assert_eq!(
         missing_pending,
         ledger.to_missing_stream.len(),
