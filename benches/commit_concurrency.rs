@@ -7,15 +7,17 @@
 //!
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names the server; the
 //! bench creates and drops its own database. `JOURNALED_BENCH_SECS` (default 3) is the length of
-//! one measurement.
+//! one measurement, `JOURNALED_BENCH_ROUNDS` (default 2) the rounds of interleaved modes.
 //!
 //! Each transaction: UPDATE a random row of 10,000, then
 //! - (L) the library: 10 `journal!` calls (~200-byte events), COMMIT (one job row);
 //! - (H) hand-written: one INSERT of the same bytes into a plain table with no trigger, COMMIT;
 //! - (N) hand-written plus `pg_notify` in the transaction: what the dropped trigger did;
-//! - (Q) the library with `Config::with_notify(false)` (no coalesced NOTIFY to other processes).
+//! - (Q) the library with `Config::with_notify(false)` (no coalesced NOTIFY to other processes);
+//! - (O) L with ordered events (issue 14), on keys no other writer uses: all 10 events of a
+//!   transaction on one key of the writer's own 100, so a transaction upserts one sequence row.
 //!
-//! Modes are interleaved (L, H, N, Q, L, H, N, Q) with VACUUM and CHECKPOINT before each measurement.
+//! Modes are interleaved (L, H, N, Q, O, L, H, N, Q, O) with VACUUM and CHECKPOINT before each measurement.
 //! Client CPU per transaction is the process's user+system time over the transactions done.
 
 use std::sync::Arc;
@@ -29,6 +31,19 @@ use sqlx::{PgPool, Postgres};
 #[derive(Serialize, Clone, journaled::Event)]
 #[journaled(event_type = "free_event")]
 struct AccountCredited {
+    account_id: i64,
+    amount_cents: i64,
+    currency: String,
+    reference: String,
+    note: String,
+}
+
+/// The same event, ordered per key.
+#[derive(Serialize, Clone, journaled::Event)]
+#[journaled(event_type = "free_event", ordered)]
+struct AccountCreditedInOrder {
+    #[journaled(partition_key)]
+    key: String,
     account_id: i64,
     amount_cents: i64,
     currency: String,
@@ -73,6 +88,7 @@ enum Mode {
     LibraryQuiet,
     Hand,
     HandNotify,
+    Ordered,
 }
 
 impl Mode {
@@ -82,6 +98,7 @@ impl Mode {
             Mode::LibraryQuiet => "Q",
             Mode::Hand => "H",
             Mode::HandNotify => "N",
+            Mode::Ordered => "O",
         }
     }
 
@@ -90,14 +107,47 @@ impl Mode {
             "L" => Mode::Library,
             "Q" => Mode::LibraryQuiet,
             "H" => Mode::Hand,
+            "O" => Mode::Ordered,
             _ => Mode::HandNotify,
         }
     }
 }
 
-async fn one_transaction(mode: Mode, journaled: &Journaled<Postgres>, pool: &PgPool) {
+/// One transaction of `mode` by writer `writer`, its `n`th.
+async fn one_transaction(
+    mode: Mode,
+    journaled: &Journaled<Postgres>,
+    pool: &PgPool,
+    writer: usize,
+    n: u64,
+) {
     let account = fastrand::i64(0..ACCOUNTS);
     match mode {
+        Mode::Ordered => {
+            let key = format!("w{writer}-{}", n % 100);
+            let mut tx = journaled.begin().await.unwrap();
+            sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
+                .bind(account)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            for i in 0..EVENTS {
+                let e = event(account, i);
+                journal!(
+                    tx,
+                    AccountCreditedInOrder {
+                        key: key.clone(),
+                        account_id: e.account_id,
+                        amount_cents: e.amount_cents,
+                        currency: e.currency,
+                        reference: e.reference,
+                        note: e.note,
+                    }
+                )
+                .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
         Mode::Library | Mode::LibraryQuiet => {
             let mut tx = journaled.begin().await.unwrap();
             sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
@@ -168,20 +218,22 @@ async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measur
         config().with_notify(mode != Mode::LibraryQuiet),
     );
     // Warm up: connections, prepared statements, the schema cache.
-    for _ in 0..3 {
-        one_transaction(mode, &journaled, &pool).await;
+    for n in 0..3 {
+        one_transaction(mode, &journaled, &pool, usize::MAX, n).await;
     }
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let cpu_before = cpu_time();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..connections {
+    for writer in 0..connections {
         let (journaled, pool, done) = (journaled.clone(), pool.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
+            let mut n = 0;
             while Instant::now() < deadline {
-                one_transaction(mode, &journaled, &pool).await;
+                one_transaction(mode, &journaled, &pool, writer, n).await;
                 done.fetch_add(1, Ordering::Relaxed);
+                n += 1;
             }
         }));
     }
@@ -211,6 +263,7 @@ fn config() -> Config {
 async fn quiesce(admin: &PgPool) {
     for sql in [
         "TRUNCATE journaled.jobs",
+        "TRUNCATE journaled.key_sequences",
         "TRUNCATE bench_outbox",
         "VACUUM ANALYZE bench_accounts",
         "VACUUM ANALYZE journaled.jobs",
@@ -407,6 +460,10 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    let rounds: usize = std::env::var("JOURNALED_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let server = PgPool::connect(&admin_url).await.expect("connect");
     for sql in [
         "DROP DATABASE IF EXISTS journaled_bench_cc WITH (FORCE)",
@@ -438,34 +495,38 @@ async fn main() {
     .unwrap();
     println!("PostgreSQL settings: {settings:?}");
     println!(
-        "{secs} s per measurement, modes interleaved L H N Q L H N Q; medians of 2 rounds; each transaction = UPDATE + {EVENTS} events"
+        "{secs} s per measurement, modes interleaved L H N Q O L H N Q O; medians of {rounds} rounds; each transaction = UPDATE + {EVENTS} events"
     );
     println!();
     println!(
-        "{:>4} | {:>9} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6} | {:>8} {:>8} {:>8}",
+        "{:>4} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6} {:>6} | {:>8} {:>8} {:>8} {:>8}",
         "C",
         "L tx/s",
         "H tx/s",
         "N tx/s",
         "Q tx/s",
+        "O tx/s",
         "L/H",
         "N/H",
         "Q/H",
+        "O/L",
         "L µs/tx",
         "H µs/tx",
-        "Q µs/tx"
+        "Q µs/tx",
+        "O µs/tx"
     );
     let only_claims = std::env::var("JOURNALED_BENCH_ONLY_CLAIMS").is_ok()
         || std::env::var("JOURNALED_BENCH_PROFILE").is_ok();
     for connections in [1usize, 4, 16, 64].into_iter().filter(|_| !only_claims) {
-        let mut tps: [Vec<f64>; 4] = Default::default();
-        let mut cpu: [Vec<f64>; 4] = Default::default();
-        for _round in 0..2 {
+        let mut tps: [Vec<f64>; 5] = Default::default();
+        let mut cpu: [Vec<f64>; 5] = Default::default();
+        for _round in 0..rounds {
             for (k, mode) in [
                 Mode::Library,
                 Mode::Hand,
                 Mode::HandNotify,
                 Mode::LibraryQuiet,
+                Mode::Ordered,
             ]
             .into_iter()
             .enumerate()
@@ -476,13 +537,14 @@ async fn main() {
                 cpu[k].push(m.cpu_us_per_tx);
             }
         }
-        let [l, h, n, q] = tps.map(median);
-        let [lc, hc, _, qc] = cpu.map(median);
+        let [l, h, n, q, o] = tps.map(median);
+        let [lc, hc, _, qc, oc] = cpu.map(median);
         println!(
-            "{connections:>4} | {l:>9.0} {h:>9.0} {n:>9.0} {q:>9.0} | {:>6.3} {:>6.3} {:>6.3} | {lc:>8.0} {hc:>8.0} {qc:>8.0}",
+            "{connections:>4} | {l:>9.0} {h:>9.0} {n:>9.0} {q:>9.0} {o:>9.0} | {:>6.3} {:>6.3} {:>6.3} {:>6.3} | {lc:>8.0} {hc:>8.0} {qc:>8.0} {oc:>8.0}",
             l / h,
             n / h,
-            q / h
+            q / h,
+            o / l
         );
     }
     let mut l4 = Vec::new();

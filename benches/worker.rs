@@ -14,6 +14,7 @@
 
 #[path = "../tests/common/kinesis.rs"]
 mod kinesis;
+mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,7 @@ use journaled::store::BoxFuture;
 use journaled::{Config, Journaled, Worker, WorkerConfig, journal};
 use kinesis::{Emulator, Kind, kinesis_config};
 use sqlx::PgPool;
+use support::{drain, fresh_db, median};
 
 #[derive(serde::Serialize, journaled::Event)]
 struct ContractAcceptanceEvent {
@@ -40,26 +42,6 @@ fn peak_rss_mib() -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
-}
-
-async fn fresh_db(admin: &PgPool, name: &str, admin_url: &str) -> PgPool {
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(admin)
-            .await
-            .unwrap();
-    }
-    let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&url)
-        .await
-        .unwrap();
-    journaled::migrate(&pool).await.unwrap();
-    pool
 }
 
 /// Inserts `jobs` jobs of 10 events each in one statement (a backlog, fast).
@@ -85,16 +67,6 @@ async fn backlog(journaled: &Journaled<sqlx::Postgres>, jobs: i64) {
     .execute(journaled.pool())
     .await
     .unwrap();
-}
-
-async fn drain(pool: &PgPool, sink: impl Sink, config: WorkerConfig) -> Duration {
-    let start = Instant::now();
-    Worker::new(pool.clone(), sink, config.with_drain(true))
-        .unwrap()
-        .run(std::future::pending())
-        .await
-        .unwrap();
-    start.elapsed()
 }
 
 /// Records when each event id was acknowledged.
@@ -351,10 +323,6 @@ async fn main() {
         .await;
         no_receipt_rates.push(events as f64 / elapsed.as_secs_f64());
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
     let (raw, worker, no_receipts) = (
         median(raw_rates),
         median(worker_rates),
