@@ -9,9 +9,11 @@
 //! anything after it. A record refused for good parks its key; every other key flows.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::sync::watch;
 
 use super::WorkerConfig;
 use super::metrics::Metrics;
@@ -49,8 +51,25 @@ fn parked() -> Failure {
     )
 }
 
+/// How long a batch whose records all wait for predecessors (in another batch of this process,
+/// or another worker's) keeps waiting for one of them to be acknowledged before giving the
+/// rest back (rescheduled after about `backoff_base`).
+const PATIENCE: Duration = Duration::from_secs(1);
+/// How often a waiting batch reads its keys' positions again, besides whenever this process
+/// acknowledges ordered records.
+const LOOK_AGAIN: Duration = Duration::from_millis(20);
+
+/// Bumped whenever this process records ordered keys' progress: batches waiting on a
+/// predecessor look again at once, so that the batches of one worker pipeline.
+static ADVANCED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0).0);
+
 /// Delivers the ordered records of `jobs` (those with a sequence); returns an outcome for
 /// each of them.
+///
+/// Rounds: each sends the next record of every key that may go, then records the keys'
+/// progress. A key whose next record waits for a predecessor held elsewhere is looked at
+/// again whenever this process records progress (and every [`LOOK_AGAIN`]); once nothing of
+/// the batch can go for [`PATIENCE`], the records still waiting are given back.
 pub(crate) async fn deliver<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     sink: &dyn Sink,
@@ -79,189 +98,261 @@ pub(crate) async fn deliver<DB: Backend>(
         .keys()
         .map(|(s, k)| ((*s).to_owned(), (*k).to_owned()))
         .collect();
-    let positions = match DB::key_positions(pool, &keys).await {
-        Ok(positions) => positions,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read ordered keys' positions; they wait");
-            for (_, slot) in by_key.into_values().flatten() {
-                out.push((slot, Err(waiting())));
-            }
-            return out;
-        }
-    };
-    // Per key: the records that may go, in sequence order, without a gap.
-    let mut queues: Vec<(usize, VecDeque<(i64, Slot)>)> = Vec::new();
-    for (k, (mut records, (delivered, is_parked))) in
-        by_key.into_values().zip(positions).enumerate()
-    {
-        records.sort_by_key(|(seq, _)| *seq);
-        let mut queue = VecDeque::new();
-        let mut next = delivered + 1;
-        for (seq, slot) in records {
-            if seq <= delivered {
-                // Acknowledged before (a lease lost after the send): delivered.
-                out.push((slot, Ok(Ack::default())));
-            } else if is_parked {
-                out.push((slot, Err(parked())));
-            } else if seq == next {
-                queue.push_back((seq, slot));
-                next += 1;
-            } else {
-                out.push((slot, Err(waiting())));
-            }
-        }
-        if !queue.is_empty() {
-            queues.push((k, queue));
-        }
-    }
-
-    while !queues.is_empty() {
-        // This round: the next record of every key, by stream, cut to the request limits.
-        let mut owner: HashMap<Slot, usize> = HashMap::new();
-        let mut by_stream: BTreeMap<&str, Vec<Slot>> = BTreeMap::new();
-        for (q, (k, queue)) in queues.iter().enumerate() {
-            let (_, slot) = queue[0];
-            owner.insert(slot, q);
-            by_stream.entry(keys[*k].0.as_str()).or_default().push(slot);
-        }
-        let mut sends = Vec::new();
-        for (stream, slots) in by_stream {
-            let mut current: Vec<Slot> = Vec::new();
-            let mut bytes = 0;
-            for slot in slots {
-                let record = &jobs[slot.0].records.as_ref().expect("decoded")[slot.1];
-                let size = record.data().len() + record.partition_key.len();
-                if !current.is_empty()
-                    && (current.len() == config.max_records_per_request
-                        || bytes + size > config.max_request_bytes)
-                {
-                    sends.push(publish::send(
-                        sink,
-                        metrics,
-                        stream,
-                        std::mem::take(&mut current),
-                        jobs,
-                    ));
-                    bytes = 0;
-                }
-                current.push(slot);
-                bytes += size;
-            }
-            if !current.is_empty() {
-                sends.push(publish::send(sink, metrics, stream, current, jobs));
-            }
-        }
-        let mut results: Vec<(Slot, RecordOutcome)> = Vec::new();
-        let mut sends = futures_util::stream::iter(sends).buffer_unordered(REQUESTS_PER_ROUND);
-        let mut timed_out = false;
-        loop {
-            match tokio::time::timeout_at(deadline, sends.next()).await {
-                Ok(Some(done)) => results.extend(done),
-                Ok(None) => break,
-                Err(_) => {
-                    timed_out = true;
+    // Per key, its records not settled yet, in sequence order.
+    let mut pending: Vec<VecDeque<(i64, Slot)>> = by_key
+        .into_values()
+        .map(|mut records| {
+            records.sort_by_key(|(seq, _)| *seq);
+            records.into()
+        })
+        .collect();
+    // Keys whose next record may go now (its predecessor is acknowledged).
+    let mut active: Vec<usize> = Vec::new();
+    // Keys whose position is to be read.
+    let mut look: Vec<usize> = (0..keys.len()).collect();
+    let mut advanced = ADVANCED.subscribe();
+    let mut idle_since: Option<tokio::time::Instant> = None;
+    loop {
+        if !look.is_empty() {
+            advanced.borrow_and_update();
+            let names: Vec<(String, String)> = look.iter().map(|&k| keys[k].clone()).collect();
+            let positions = match DB::key_positions(pool, &names).await {
+                Ok(positions) => positions,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read ordered keys' positions; they wait");
                     break;
                 }
-            }
-        }
-        drop(sends);
-
-        let mut acked: Vec<(String, String, i64)> = Vec::new();
-        let mut acked_slots: Vec<(Slot, Ack)> = Vec::new();
-        let mut stopped: Vec<usize> = Vec::new();
-        for (slot, outcome) in results {
-            let q = owner.remove(&slot).expect("a slot of this round");
-            let (k, queue) = &mut queues[q];
-            let (seq, _) = queue.pop_front().expect("the round's record");
-            let (stream, key) = &keys[*k];
-            match outcome {
-                Ok(ack) => {
-                    acked.push((stream.clone(), key.clone(), seq));
-                    acked_slots.push((slot, ack));
+            };
+            for (k, (delivered, is_parked)) in std::mem::take(&mut look).into_iter().zip(positions)
+            {
+                let queue = &mut pending[k];
+                while let Some(&(_, slot)) = queue.front().filter(|(seq, _)| *seq <= delivered) {
+                    // Acknowledged before (a lease lost after the send): delivered.
+                    queue.pop_front();
+                    out.push((slot, Ok(Ack::default())));
                 }
-                Err(failure) if failure.class == ErrorClass::Permanent => {
-                    let record = &jobs[slot.0].records.as_ref().expect("decoded")[slot.1];
-                    let parked_key = ParkedKey {
-                        stream: stream.clone(),
-                        partition_key: key.clone(),
-                        sequence: seq,
-                        event_id: record.id.to_string(),
-                        reason: failure.to_string(),
-                        parked_at: None,
-                    };
-                    match DB::park_key(pool, &parked_key).await {
-                        Ok(()) => {
-                            tracing::error!(stream, key, seq, error = %failure, "ordered key parked: its record is refused for good");
-                            out.extend(queue.drain(..).map(|(_, later)| (later, Err(parked()))));
-                            out.push((slot, Err(failure)));
-                        }
-                        Err(e) => {
-                            // Not parked, the record must not go dead: it is kept (without
-                            // using up attempts) and parking is tried again next time.
-                            tracing::error!(error = %e, stream, key, "could not park the key; trying again later");
-                            out.push((
-                                slot,
-                                Err(Failure {
-                                    class: ErrorClass::Throttled,
-                                    code: "park_failed".into(),
-                                    message: format!("{failure}; parking its key failed: {e}"),
-                                }),
-                            ));
-                        }
-                    }
-                    stopped.push(q);
-                }
-                Err(failure) => {
-                    out.push((slot, Err(failure)));
-                    stopped.push(q);
+                if is_parked {
+                    out.extend(queue.drain(..).map(|(_, slot)| (slot, Err(parked()))));
+                } else if queue.front().is_some_and(|(seq, _)| *seq == delivered + 1) {
+                    active.push(k);
                 }
             }
         }
-        // Requests cut off by the deadline: their outcome is unknown; the same record goes
-        // first next time.
-        for (slot, q) in owner {
-            let (_, queue) = &mut queues[q];
-            queue.pop_front();
-            out.push((slot, Err(publish::not_attempted())));
-            stopped.push(q);
-        }
-        acked.sort();
-        let progress = if acked.is_empty() {
-            Ok(0)
-        } else {
-            DB::advance_keys(pool, &acked).await
-        };
-        match progress {
-            Ok(_) => out.extend(acked_slots.into_iter().map(|(slot, ack)| (slot, Ok(ack)))),
-            Err(e) => {
-                // Acknowledged but not recorded: the records stay in their jobs and are sent
-                // again (a duplicate, never a gap), and nothing after them goes.
-                tracing::warn!(error = %e, "could not record ordered keys' progress; their records go again");
-                let failure = Failure {
-                    class: ErrorClass::Transient,
-                    code: "progress_not_recorded".into(),
-                    message: format!("acknowledged, but the key's progress was not recorded: {e}"),
-                };
-                out.extend(
-                    acked_slots
-                        .into_iter()
-                        .map(|(slot, _)| (slot, Err(failure.clone()))),
-                );
-                timed_out = true;
+        if active.is_empty() {
+            let waiting = pending.iter().any(|q| !q.is_empty());
+            let now = tokio::time::Instant::now();
+            let idle = *idle_since.get_or_insert(now);
+            if !waiting || now >= idle + PATIENCE || now + LOOK_AGAIN >= deadline {
+                break;
             }
+            let _ = tokio::time::timeout(LOOK_AGAIN, advanced.changed()).await;
+            look = waiting_keys(&pending, &active);
+            continue;
         }
-        for q in stopped {
-            let (_, queue) = &mut queues[q];
-            out.extend(queue.drain(..).map(|(_, slot)| (slot, Err(waiting()))));
+        idle_since = None;
+        let stop = round::<DB>(
+            pool,
+            sink,
+            metrics,
+            jobs,
+            config,
+            deadline,
+            &keys,
+            &mut pending,
+            &mut active,
+            &mut out,
+        )
+        .await;
+        if stop {
+            break;
         }
-        if timed_out {
-            for (_, queue) in &mut queues {
-                out.extend(queue.drain(..).map(|(_, slot)| (slot, Err(waiting()))));
-            }
+        if advanced.has_changed().unwrap_or(false) {
+            look = waiting_keys(&pending, &active);
         }
-        queues.retain(|(_, queue)| !queue.is_empty());
+    }
+    // Whatever could not go this time waits for the next.
+    for queue in &mut pending {
+        out.extend(queue.drain(..).map(|(_, slot)| (slot, Err(waiting()))));
     }
     out
+}
+
+/// Keys with records pending that may not go yet.
+fn waiting_keys(pending: &[VecDeque<(i64, Slot)>], active: &[usize]) -> Vec<usize> {
+    (0..pending.len())
+        .filter(|k| !pending[*k].is_empty() && !active.contains(k))
+        .collect()
+}
+
+/// One round: the next record of every active key, by stream, cut to the request limits;
+/// then the acknowledged keys' progress is recorded. A key stays active while its next record
+/// follows the one acknowledged. Returns whether the batch must stop (the deadline, or
+/// progress that could not be recorded).
+#[allow(clippy::too_many_arguments)]
+async fn round<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    sink: &dyn Sink,
+    metrics: &Metrics,
+    jobs: &[JobState],
+    config: &WorkerConfig,
+    deadline: tokio::time::Instant,
+    keys: &[(String, String)],
+    pending: &mut [VecDeque<(i64, Slot)>],
+    active: &mut Vec<usize>,
+    out: &mut Vec<(Slot, RecordOutcome)>,
+) -> bool {
+    let mut owner: HashMap<Slot, usize> = HashMap::new();
+    let mut by_stream: BTreeMap<&str, Vec<Slot>> = BTreeMap::new();
+    for &k in active.iter() {
+        let (_, slot) = pending[k][0];
+        owner.insert(slot, k);
+        by_stream.entry(keys[k].0.as_str()).or_default().push(slot);
+    }
+    let mut sends = Vec::new();
+    for (stream, slots) in by_stream {
+        let mut current: Vec<Slot> = Vec::new();
+        let mut bytes = 0;
+        for slot in slots {
+            let record = &jobs[slot.0].records.as_ref().expect("decoded")[slot.1];
+            let size = record.data().len() + record.partition_key.len();
+            if !current.is_empty()
+                && (current.len() == config.max_records_per_request
+                    || bytes + size > config.max_request_bytes)
+            {
+                sends.push(publish::send(
+                    sink,
+                    metrics,
+                    stream,
+                    std::mem::take(&mut current),
+                    jobs,
+                ));
+                bytes = 0;
+            }
+            current.push(slot);
+            bytes += size;
+        }
+        if !current.is_empty() {
+            sends.push(publish::send(sink, metrics, stream, current, jobs));
+        }
+    }
+    let mut results: Vec<(Slot, RecordOutcome)> = Vec::new();
+    let mut sends = futures_util::stream::iter(sends).buffer_unordered(REQUESTS_PER_ROUND);
+    let mut stop = false;
+    loop {
+        match tokio::time::timeout_at(deadline, sends.next()).await {
+            Ok(Some(done)) => results.extend(done),
+            Ok(None) => break,
+            Err(_) => {
+                stop = true;
+                break;
+            }
+        }
+    }
+    drop(sends);
+
+    let mut acked: Vec<(String, String, i64)> = Vec::new();
+    let mut acked_slots: Vec<(usize, i64, Slot, Ack)> = Vec::new();
+    let mut stopped: Vec<usize> = Vec::new();
+    for (slot, outcome) in results {
+        let k = owner.remove(&slot).expect("a slot of this round");
+        let (seq, _) = pending[k].pop_front().expect("the round's record");
+        let (stream, key) = &keys[k];
+        match outcome {
+            Ok(ack) => {
+                acked.push((stream.clone(), key.clone(), seq));
+                acked_slots.push((k, seq, slot, ack));
+            }
+            Err(failure) if failure.class == ErrorClass::Permanent => {
+                let record = &jobs[slot.0].records.as_ref().expect("decoded")[slot.1];
+                let parked_key = ParkedKey {
+                    stream: stream.clone(),
+                    partition_key: key.clone(),
+                    sequence: seq,
+                    event_id: record.id.to_string(),
+                    reason: failure.to_string(),
+                    parked_at: None,
+                };
+                match DB::park_key(pool, &parked_key).await {
+                    Ok(()) => {
+                        tracing::error!(stream, key, seq, error = %failure, "ordered key parked: its record is refused for good");
+                        out.extend(
+                            pending[k]
+                                .drain(..)
+                                .map(|(_, later)| (later, Err(parked()))),
+                        );
+                        out.push((slot, Err(failure)));
+                    }
+                    Err(e) => {
+                        // Not parked, the record must not go dead: it is kept (without using
+                        // up attempts) and parking is tried again next time.
+                        tracing::error!(error = %e, stream, key, "could not park the key; trying again later");
+                        out.push((
+                            slot,
+                            Err(Failure {
+                                class: ErrorClass::Throttled,
+                                code: "park_failed".into(),
+                                message: format!("{failure}; parking its key failed: {e}"),
+                            }),
+                        ));
+                    }
+                }
+                stopped.push(k);
+            }
+            Err(failure) => {
+                out.push((slot, Err(failure)));
+                stopped.push(k);
+            }
+        }
+    }
+    // A key stopped by a failure: its later records wait for the next time, so that the
+    // same record goes again before anything after it.
+    // Requests cut off by the deadline: their outcome is unknown; the same record goes first
+    // next time.
+    for (slot, k) in owner {
+        pending[k].pop_front();
+        out.push((slot, Err(publish::not_attempted())));
+        stopped.push(k);
+    }
+    for &k in &stopped {
+        out.extend(pending[k].drain(..).map(|(_, slot)| (slot, Err(waiting()))));
+    }
+    acked.sort();
+    let progress = if acked.is_empty() {
+        Ok(0)
+    } else {
+        DB::advance_keys(pool, &acked).await
+    };
+    match progress {
+        Ok(_) => {
+            if !acked.is_empty() {
+                ADVANCED.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            for (k, seq, slot, ack) in acked_slots {
+                out.push((slot, Ok(ack)));
+                if pending[k].front().is_none_or(|(next, _)| *next != seq + 1) {
+                    stopped.push(k); // done, or its next record waits for one held elsewhere
+                }
+            }
+        }
+        Err(e) => {
+            // Acknowledged but not recorded: the records stay in their jobs and are sent again
+            // (a duplicate, never a gap), and nothing after them goes.
+            tracing::warn!(error = %e, "could not record ordered keys' progress; their records go again");
+            let failure = Failure {
+                class: ErrorClass::Transient,
+                code: "progress_not_recorded".into(),
+                message: format!("acknowledged, but the key's progress was not recorded: {e}"),
+            };
+            for (k, _, slot, _) in acked_slots {
+                out.push((slot, Err(failure.clone())));
+                out.extend(pending[k].drain(..).map(|(_, slot)| (slot, Err(waiting()))));
+            }
+            stop = true;
+        }
+    }
+    let stopped: std::collections::HashSet<usize> = stopped.into_iter().collect();
+    active.retain(|k| !stopped.contains(k) && !pending[*k].is_empty());
+    stop
 }
 
 /// A job whose only undelivered records wait (for a predecessor, or on a parked key): kept
@@ -292,9 +383,12 @@ pub(crate) fn reschedule(job: &JobState, config: &WorkerConfig) -> Option<Resche
     .mul_f64(0.5 + fastrand::f64() * 0.5)
     .max(Duration::from_millis(10));
     let first = held[0];
+    // A job all of whose records wait keeps its records as they are (not rewritten).
+    let records = (held.len() < records.len())
+        .then(|| (encode_stored(held.iter().copied()), held.len() as i32));
     Some(Reschedule {
         id: job.claimed.id,
-        records: Some((encode_stored(held.iter().copied()), held.len() as i32)),
+        records,
         attempts: job.claimed.attempts,
         transient_failures: job.claimed.transient_failures,
         delay,
@@ -354,6 +448,14 @@ mod tests {
             .map(|r| r.sequence)
             .collect();
         assert_eq!(kept, [Some(5), Some(6)], "the sequence is kept");
+
+        state.outcomes[0] = Some(waiting());
+        let r = reschedule(&state, &config).expect("every record waits");
+        assert!(
+            r.records.is_none(),
+            "a job that only waits is not rewritten"
+        );
+        state.outcomes[0] = None;
 
         state.outcomes[1] = Some(parked());
         let r = reschedule(&state, &config).unwrap();
