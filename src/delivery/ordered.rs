@@ -58,6 +58,8 @@ const PATIENCE: Duration = Duration::from_secs(1);
 /// How often a waiting batch reads its keys' positions again, besides whenever this process
 /// acknowledges ordered records.
 const LOOK_AGAIN: Duration = Duration::from_millis(20);
+/// A batch stops waiting when no ordered key of this process has moved for this long.
+const QUIET: Duration = Duration::from_millis(100);
 
 /// Bumped whenever this process records ordered keys' progress: batches waiting on a
 /// predecessor look again at once, so that the batches of one worker pipeline.
@@ -69,7 +71,8 @@ static ADVANCED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(
 /// Rounds: each sends the next record of every key that may go, then records the keys'
 /// progress. A key whose next record waits for a predecessor held elsewhere is looked at
 /// again whenever this process records progress (and every [`LOOK_AGAIN`]); once nothing of
-/// the batch can go for [`PATIENCE`], the records still waiting are given back.
+/// the batch can go for [`PATIENCE`], or nothing in this process has moved for [`QUIET`], the
+/// records still waiting are given back.
 pub(crate) async fn deliver<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     sink: &dyn Sink,
@@ -112,6 +115,7 @@ pub(crate) async fn deliver<DB: Backend>(
     let mut look: Vec<usize> = (0..keys.len()).collect();
     let mut advanced = ADVANCED.subscribe();
     let mut idle_since: Option<tokio::time::Instant> = None;
+    let mut last_advance = tokio::time::Instant::now();
     loop {
         if !look.is_empty() {
             advanced.borrow_and_update();
@@ -142,10 +146,16 @@ pub(crate) async fn deliver<DB: Backend>(
             let waiting = pending.iter().any(|q| !q.is_empty());
             let now = tokio::time::Instant::now();
             let idle = *idle_since.get_or_insert(now);
-            if !waiting || now >= idle + PATIENCE || now + LOOK_AGAIN >= deadline {
+            // Waiting is worth it while this process is delivering ordered keys (the
+            // predecessor is likely in flight here); when nothing moves (an outage, the
+            // predecessor backing off), the batch gives its waiting records back at once.
+            let quiet = now >= last_advance + QUIET;
+            if !waiting || quiet || now >= idle + PATIENCE || now + LOOK_AGAIN >= deadline {
                 break;
             }
-            let _ = tokio::time::timeout(LOOK_AGAIN, advanced.changed()).await;
+            if let Ok(Ok(())) = tokio::time::timeout(LOOK_AGAIN, advanced.changed()).await {
+                last_advance = tokio::time::Instant::now();
+            }
             look = waiting_keys(&pending, &active);
             continue;
         }
@@ -166,6 +176,7 @@ pub(crate) async fn deliver<DB: Backend>(
         if stop {
             break;
         }
+        last_advance = tokio::time::Instant::now();
         if advanced.has_changed().unwrap_or(false) {
             look = waiting_keys(&pending, &active);
         }
