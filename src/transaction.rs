@@ -499,9 +499,14 @@ impl<'c, DB: Backend> Transaction<'c, DB> {
             return Ok(());
         }
         let mut staged = staged;
-        take_sequences::<DB>(&mut tx, &mut staged).await?;
-        let jobs = store::group(&staged);
-        let ids = DB::insert_jobs(&mut tx, &jobs).await?;
+        let (jobs, ids) = match insert_taking_sequences::<DB>(&mut tx, &mut staged).await? {
+            Some(done) => done,
+            None => {
+                let jobs = store::group(&staged);
+                let ids = DB::insert_jobs(&mut tx, &jobs).await?;
+                (jobs, ids)
+            }
+        };
         tx.commit().await?;
         if report {
             shared.wake();
@@ -528,6 +533,68 @@ fn capture_context() -> (String, String) {
     (crate::context::actor_uri(), tags)
 }
 
+/// The ordered keys among `staged` with how many sequences each takes, sorted (so that writers
+/// of several keys lock them in one order and never deadlock).
+fn ordered_keys(staged: &[Prepared]) -> Vec<(String, String, i64)> {
+    let mut counts: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+    for event in staged.iter().filter(|e| e.ordered) {
+        *counts
+            .entry((event.stream.as_str(), event.partition_key.as_str()))
+            .or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|((stream, key), n)| (stream.to_owned(), key.to_owned(), n))
+        .collect()
+}
+
+/// Takes the ordered events' sequences and inserts the jobs, in one statement on PostgreSQL
+/// (one round trip, as for unordered events): the records carry placeholders that the
+/// database fills. `None` when nothing is ordered.
+async fn insert_taking_sequences<DB: Backend>(
+    conn: &mut DB::Connection,
+    staged: &mut [Prepared],
+) -> Result<Option<(Vec<store::NewJob>, Vec<store::JobId>)>, Error> {
+    let keys = ordered_keys(staged);
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    // Each ordered event's key and place among that key's sequences (1-based), in journal! order.
+    let index: std::collections::HashMap<(&str, &str), usize> = keys
+        .iter()
+        .enumerate()
+        .map(|(k, (stream, key, _))| ((stream.as_str(), key.as_str()), k))
+        .collect();
+    let mut taken = vec![0i64; keys.len()];
+    let mut slot_of: Vec<Option<(i64, i64)>> = Vec::with_capacity(staged.len());
+    for event in staged.iter() {
+        slot_of.push(event.ordered.then(|| {
+            let k = index[&(event.stream.as_str(), event.partition_key.as_str())];
+            taken[k] += 1;
+            (k as i64, taken[k])
+        }));
+    }
+    drop(index);
+    for event in staged.iter_mut().filter(|e| e.ordered) {
+        event.mark_sequence();
+    }
+    let (jobs, members) = store::records::group_with_members(staged);
+    // Each ordered record holds two placeholders: in its record, then in its envelope.
+    let slots: Vec<(i64, i64)> = members
+        .iter()
+        .flatten()
+        .filter_map(|&i| slot_of[i])
+        .flat_map(|slot| [slot, slot])
+        .collect();
+    let (ids, bases) = DB::insert_jobs_taking_sequences(conn, &keys, &jobs, &slots).await?;
+    for (event, slot) in staged.iter_mut().zip(slot_of) {
+        if let Some((k, n)) = slot {
+            event.set_sequence(bases[k as usize] + n);
+        }
+    }
+    Ok(Some((jobs, ids)))
+}
+
 /// Takes the sequences of the ordered events among `staged`, in the writer's transaction, and
 /// puts each in its event's envelope: per (stream, partition key), in `journal!` order. One
 /// statement for all keys, sorted, so that writers of several keys never deadlock.
@@ -535,19 +602,10 @@ async fn take_sequences<DB: Backend>(
     conn: &mut DB::Connection,
     staged: &mut [Prepared],
 ) -> Result<(), Error> {
-    let mut counts: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
-    for event in staged.iter().filter(|e| e.ordered) {
-        *counts
-            .entry((event.stream.as_str(), event.partition_key.as_str()))
-            .or_default() += 1;
-    }
-    if counts.is_empty() {
+    let keys = ordered_keys(staged);
+    if keys.is_empty() {
         return Ok(());
     }
-    let keys: Vec<(String, String, i64)> = counts
-        .into_iter()
-        .map(|((stream, key), n)| (stream.to_owned(), key.to_owned(), n))
-        .collect();
     let last = DB::take_sequences(conn, &keys).await?;
     let mut next: std::collections::HashMap<(String, String), i64> = keys
         .into_iter()

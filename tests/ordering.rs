@@ -530,7 +530,122 @@ async fn commit_order_per_key_survives_concurrency_and_throttling<DB: Backend + 
     }
 }
 
+/// Ordered too, but urgent: a job of its own (another priority).
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", ordered, priority = 5)]
+struct UrgentOrdered {
+    #[journaled(partition_key)]
+    account: String,
+    n: i64,
+}
+
+/// One transaction of 1,300 ordered events on three keys, in two priorities (so several job
+/// rows, cut at 500 records), with unordered events between them, after a transaction that took
+/// some sequences already: the sequences continue per key in journal! order across every row,
+/// each stored record's envelope and record agree, and the bytes stored are the bytes
+/// `on_enqueue` reported.
+async fn a_large_ordered_transaction_spans_jobs_in_order<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    let journaled = db.migrated().await;
+    let reported = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let sink = reported.clone();
+    journaled.on_enqueue(move |e| {
+        sink.lock()
+            .unwrap()
+            .insert(e.event_id.to_string(), e.data.to_owned());
+    });
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(
+        tx,
+        Ordered {
+            account: "k0".into(),
+            n: -1
+        }
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = journaled.begin().await.unwrap();
+    let mut expected: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for n in 0..1_300 {
+        let account = format!("k{}", n % 3);
+        if n % 7 == 0 {
+            journal!(
+                tx,
+                UrgentOrdered {
+                    account: account.clone(),
+                    n
+                }
+            )
+            .unwrap();
+        } else {
+            journal!(
+                tx,
+                Ordered {
+                    account: account.clone(),
+                    n
+                }
+            )
+            .unwrap();
+        }
+        if n % 10 == 0 {
+            journal!(
+                tx,
+                Plain {
+                    account: "unordered".into(),
+                    n
+                }
+            )
+            .unwrap();
+        }
+        expected.entry(account).or_default().push(n);
+    }
+    tx.commit().await.unwrap();
+    let jobs = journaled.jobs().await.unwrap();
+    assert!(jobs.len() >= 4, "{} job rows", jobs.len());
+
+    let reported = reported.lock().unwrap().clone();
+    let mut by_key: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for job in &jobs {
+        for record in job.records().unwrap() {
+            let text = String::from_utf8(record.data().to_vec()).unwrap();
+            assert_eq!(
+                reported.get(&record.id.to_string()),
+                Some(&text),
+                "stored bytes differ from those reported"
+            );
+            assert!(!text.contains('\u{1}'), "a placeholder left: {text}");
+            let value: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(value["sequence"].as_i64(), record.sequence, "{text}");
+            if record.partition_key == "unordered" {
+                assert_eq!(record.sequence, None);
+                continue;
+            }
+            if value["n"] == -1 {
+                assert_eq!(record.sequence, Some(1));
+                continue;
+            }
+            by_key
+                .entry(record.partition_key.clone())
+                .or_default()
+                .push((record.sequence.unwrap(), value["n"].as_i64().unwrap()));
+        }
+    }
+    for (key, mut got) in by_key {
+        got.sort_unstable();
+        let first = if key == "k0" { 2 } else { 1 };
+        let sequences: Vec<i64> = got.iter().map(|g| g.0).collect();
+        let ns: Vec<i64> = got.iter().map(|g| g.1).collect();
+        assert_eq!(
+            sequences,
+            (first..first + ns.len() as i64).collect::<Vec<_>>(),
+            "{key}: gap-free, continuing"
+        );
+        assert_eq!(ns, expected[&key], "{key}: in journal! order");
+    }
+}
+
 on_both_backends!(
+    a_large_ordered_transaction_spans_jobs_in_order,
     sequences_are_gap_free_and_follow_journal_order,
     an_ordered_stream_orders_every_event_type,
     a_refused_record_parks_only_its_key,

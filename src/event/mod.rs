@@ -123,13 +123,49 @@ pub(crate) struct Prepared {
 /// Room a sequence takes in the envelope: `,"sequence":` and up to 19 digits.
 pub(crate) const SEQUENCE_ROOM: usize = 32;
 
+/// Where a sequence not taken yet goes, in an envelope and a stored record, for the database to
+/// fill in the statement that takes it: a character serde_json never writes raw (it escapes
+/// control characters in strings), so splitting at it is unambiguous.
+pub(crate) const SEQUENCE_PLACEHOLDER: char = '\u{1}';
+
+/// The prefix of a sequence in an envelope.
+const SEQUENCE_KEY: &str = ",\"sequence\":";
+
 impl Prepared {
-    /// Puts the sequence taken at commit into the envelope, right after `created_at`.
+    /// Puts the sequence taken at commit into the envelope, right after `created_at` (in place
+    /// of the placeholder, if [`mark_sequence`](Self::mark_sequence) put one there).
     pub(crate) fn set_sequence(&mut self, sequence: i64) {
         debug_assert!(self.ordered && self.sequence.is_none());
-        self.data
-            .insert_str(self.splice_at, &format!(",\"sequence\":{sequence}"));
+        let at = self.splice_at + SEQUENCE_KEY.len();
+        if self.data[self.splice_at..].starts_with(SEQUENCE_KEY)
+            && self.data[at..].starts_with(SEQUENCE_PLACEHOLDER)
+        {
+            self.data.replace_range(
+                at..at + SEQUENCE_PLACEHOLDER.len_utf8(),
+                &sequence.to_string(),
+            );
+        } else {
+            self.data
+                .insert_str(self.splice_at, &format!("{SEQUENCE_KEY}{sequence}"));
+        }
         self.sequence = Some(sequence);
+    }
+
+    /// Puts a placeholder where the sequence goes; [`set_sequence`](Self::set_sequence) replaces it.
+    pub(crate) fn mark_sequence(&mut self) {
+        debug_assert!(self.ordered && self.sequence.is_none());
+        let mut mark = String::from(SEQUENCE_KEY);
+        mark.push(SEQUENCE_PLACEHOLDER);
+        self.data.insert_str(self.splice_at, &mark);
+    }
+
+    /// Whether its envelope holds a placeholder for its sequence.
+    pub(crate) fn sequence_pending(&self) -> bool {
+        let at = self.splice_at + SEQUENCE_KEY.len();
+        self.ordered
+            && self.sequence.is_none()
+            && self.data[self.splice_at..].starts_with(SEQUENCE_KEY)
+            && self.data[at..].starts_with(SEQUENCE_PLACEHOLDER)
     }
 }
 

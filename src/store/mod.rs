@@ -25,6 +25,15 @@ macro_rules! impl_backend {
             ) -> $crate::store::BoxFuture<'c, Result<Vec<i64>, $crate::Error>> {
                 Box::pin(take_sequences(conn, keys))
             }
+            fn insert_jobs_taking_sequences<'c>(
+                conn: &'c mut $conn,
+                keys: &'c [(String, String, i64)],
+                jobs: &'c [$crate::store::NewJob],
+                slots: &'c [(i64, i64)],
+            ) -> $crate::store::BoxFuture<'c, Result<$crate::store::JobsAndBases, $crate::Error>>
+            {
+                Box::pin(insert_jobs_taking_sequences(conn, keys, jobs, slots))
+            }
             fn key_positions<'a>(
                 pool: &'a $pool,
                 keys: &'a [(String, String)],
@@ -224,6 +233,9 @@ impl std::fmt::Display for JobId {
         self.0.fmt(f)
     }
 }
+
+/// The ids of jobs inserted, and per ordered key the sequence before the first it took.
+pub type JobsAndBases = (Vec<JobId>, Vec<i64>);
 
 /// A job about to be inserted.
 #[derive(Debug, Clone)]
@@ -460,6 +472,20 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         keys: &'c [(String, String, i64)],
     ) -> BoxFuture<'c, Result<Vec<i64>, Error>>;
 
+    /// Takes the sequences of `keys` (as [`take_sequences`](Backend::take_sequences)) and
+    /// inserts `jobs` in the same statement, one round trip: the jobs' records hold
+    /// [`SEQUENCE_PLACEHOLDER`](crate::event::SEQUENCE_PLACEHOLDER)s, which the database
+    /// replaces, in order, each with `slots[i] = (key index, n)`: that key's `n`th sequence
+    /// taken now. Returns the job ids and, per key, the sequence before the first taken.
+    /// (SQLite takes two statements and fills the placeholders itself: it is in-process, there
+    /// is no round trip to save.)
+    fn insert_jobs_taking_sequences<'c>(
+        conn: &'c mut Self::Connection,
+        keys: &'c [(String, String, i64)],
+        jobs: &'c [NewJob],
+        slots: &'c [(i64, i64)],
+    ) -> BoxFuture<'c, Result<JobsAndBases, Error>>;
+
     /// Where each ordered (stream, key) stands, in order: its last delivered sequence (0 when
     /// none) and whether it is parked.
     fn key_positions<'a>(
@@ -607,6 +633,52 @@ pub async fn retry<DB: Backend>(pool: &sqlx::Pool<DB>, job: Option<JobId>) -> Re
 }
 
 /// The last sequence of each key of `keys`, in order, from the rows an upsert returned.
+/// The jobs with their sequence placeholders filled: the `i`th placeholder (across the jobs, in
+/// order) becomes `bases[slots[i].0] + slots[i].1`.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) fn fill_placeholders(
+    jobs: &[NewJob],
+    bases: &[i64],
+    slots: &[(i64, i64)],
+) -> Result<Vec<NewJob>, Error> {
+    let mut slots = slots.iter();
+    let mut filled = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut records = String::with_capacity(job.records.len() + 64);
+        let mut parts = job
+            .records
+            .split(crate::event::SEQUENCE_PLACEHOLDER)
+            .peekable();
+        while let Some(piece) = parts.next() {
+            records.push_str(piece);
+            if parts.peek().is_some() {
+                let (k, n) = slots.next().ok_or_else(placeholders_mismatch)?;
+                let base = bases.get(*k as usize).ok_or_else(placeholders_mismatch)?;
+                records.push_str(&(base + n).to_string());
+            }
+        }
+        filled.push(NewJob {
+            priority: job.priority,
+            run_at: job.run_at,
+            delay: job.delay,
+            event_count: job.event_count,
+            bytes: records.len() as i32,
+            records,
+        });
+    }
+    if slots.next().is_some() {
+        return Err(placeholders_mismatch());
+    }
+    Ok(filled)
+}
+
+/// The jobs' sequence placeholders and the sequences asked for disagree (a bug, not input).
+pub(crate) fn placeholders_mismatch() -> Error {
+    Error::Database(sqlx::Error::Protocol(
+        "the jobs' sequence placeholders do not match the sequences asked for".into(),
+    ))
+}
+
 pub(crate) fn in_order(
     keys: &[(String, String, i64)],
     rows: Vec<(String, String, i64)>,
@@ -626,4 +698,45 @@ pub(crate) fn in_order(
                 })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(records: &str) -> NewJob {
+        NewJob {
+            priority: 20,
+            run_at: None,
+            delay: None,
+            event_count: 1,
+            bytes: records.len() as i32,
+            records: records.to_owned(),
+        }
+    }
+
+    #[test]
+    fn placeholders_are_filled_in_order_across_jobs() {
+        let p = crate::event::SEQUENCE_PLACEHOLDER;
+        let jobs = [job(&format!("a{p}b{p}c")), job(&format!("d{p}e{p}"))];
+        let filled =
+            fill_placeholders(&jobs, &[10, 40], &[(0, 1), (0, 1), (1, 3), (1, 3)]).unwrap();
+        assert_eq!(filled[0].records, "a11b11c");
+        assert_eq!(filled[1].records, "d43e43");
+        assert_eq!(filled[1].bytes, 6);
+    }
+
+    #[test]
+    fn placeholders_and_sequences_that_disagree_are_an_error() {
+        let p = crate::event::SEQUENCE_PLACEHOLDER;
+        let jobs = [job(&format!("a{p}b{p}"))];
+        for (bases, slots) in [
+            (vec![1], vec![(0, 1)]),                 // too few
+            (vec![1], vec![(0, 1), (0, 1), (0, 2)]), // too many
+            (vec![1], vec![(0, 1), (3, 1)]),         // no such key
+        ] {
+            let err = fill_placeholders(&jobs, &bases, &slots).unwrap_err();
+            assert!(err.to_string().contains("placeholders"), "{err}");
+        }
+    }
 }

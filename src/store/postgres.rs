@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::ParkedKey;
 use super::{
     BoxFuture, Claimed, Job, JobId, Migration, NewJob, Receipt, ReceiptStats, Reschedule, Status,
-    Trace, TracedJob, db_error, pending,
+    Trace, TracedJob, db_error, pending, placeholders_mismatch,
 };
 use crate::Error;
 use crate::EventId;
@@ -127,6 +127,106 @@ async fn take_sequences(
     .await
     .map_err(db_error)?;
     super::in_order(keys, rows)
+}
+
+/// One statement: upsert the keys' sequence rows (locked in the order given), then insert the
+/// jobs with each placeholder replaced by its sequence (`base + n`), then return the jobs' ids
+/// and each key's base. A job's pieces are its records split at the placeholders.
+#[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len(), ordered_keys = keys.len()), err)]
+async fn insert_jobs_taking_sequences(
+    conn: &mut PgConnection,
+    keys: &[(String, String, i64)],
+    jobs: &[NewJob],
+    slots: &[(i64, i64)],
+) -> Result<(Vec<JobId>, Vec<i64>), Error> {
+    {
+        let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
+        let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+        let run_ats: Vec<Option<OffsetDateTime>> = jobs.iter().map(|j| j.run_at).collect();
+        let delays: Vec<Option<f64>> = jobs
+            .iter()
+            .map(|j| j.delay.map(|d| d.as_secs_f64()))
+            .collect();
+        let event_counts: Vec<i32> = jobs.iter().map(|j| j.event_count).collect();
+        // Every job's pieces, flattened: (job, text, key of the placeholder after it, n).
+        let mut piece_jobs: Vec<i32> = Vec::new();
+        let mut pieces: Vec<&str> = Vec::new();
+        let mut piece_keys: Vec<Option<i64>> = Vec::new();
+        let mut piece_ns: Vec<Option<i64>> = Vec::new();
+        let mut slots = slots.iter();
+        for (j, job) in jobs.iter().enumerate() {
+            let mut parts = job
+                .records
+                .split(crate::event::SEQUENCE_PLACEHOLDER)
+                .peekable();
+            while let Some(piece) = parts.next() {
+                piece_jobs.push(j as i32 + 1);
+                pieces.push(piece);
+                let slot = if parts.peek().is_some() {
+                    Some(slots.next().ok_or_else(placeholders_mismatch)?)
+                } else {
+                    None
+                };
+                piece_keys.push(slot.map(|s| s.0 + 1));
+                piece_ns.push(slot.map(|s| s.1));
+            }
+        }
+        if slots.next().is_some() {
+            return Err(placeholders_mismatch());
+        }
+        let rows: Vec<(i64, Vec<i64>)> = sqlx::query_as(
+            "WITH taken AS ( \
+                 INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
+                 SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
+                 ORDER BY o \
+                 ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
+                 RETURNING stream, partition_key, seq), \
+             base AS ( \
+                 SELECT t.o, taken.seq - t.n AS base \
+                 FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
+                 JOIN taken ON taken.stream = t.s AND taken.partition_key = t.p), \
+             filled AS ( \
+                 SELECT x.j, string_agg(x.piece || coalesce((base.base + x.n)::text, ''), '' ORDER BY x.i) AS records \
+                 FROM UNNEST($8::int4[], $9::text[], $10::int8[], $11::int8[]) WITH ORDINALITY AS x(j, piece, k, n, i) \
+                 LEFT JOIN base ON base.o = x.k \
+                 GROUP BY x.j) \
+             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
+             SELECT p, r, r, r <= now(), c, octet_length(filled.records), filled.records FROM ( \
+                 SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, n \
+                 FROM UNNEST($4::int4[], $5::timestamptz[], $6::float8[], $7::int4[]) \
+                      WITH ORDINALITY AS t(p, a, dl, c, n)) AS due \
+             JOIN filled ON filled.j = due.n \
+             ORDER BY due.n \
+             RETURNING id, (SELECT array_agg(base.base ORDER BY base.o) FROM base)",
+        )
+        .bind(&streams)
+        .bind(&partition_keys)
+        .bind(&counts)
+        .bind(&priorities)
+        .bind(&run_ats)
+        .bind(&delays)
+        .bind(&event_counts)
+        .bind(&piece_jobs)
+        .bind(&pieces)
+        .bind(&piece_keys)
+        .bind(&piece_ns)
+        .fetch_all(conn)
+        .await
+        .map_err(db_error)?;
+        let bases = rows.first().map(|r| r.1.clone()).unwrap_or_default();
+        if rows.len() != jobs.len() || bases.len() != keys.len() {
+            return Err(Error::Database(sqlx::Error::Protocol(format!(
+                "{} jobs and {} sequences returned for {} jobs and {} keys",
+                rows.len(),
+                bases.len(),
+                jobs.len(),
+                keys.len()
+            ))));
+        }
+        Ok((rows.into_iter().map(|r| JobId(r.0)).collect(), bases))
+    }
 }
 
 async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Error> {

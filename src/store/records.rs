@@ -49,8 +49,16 @@ pub(crate) fn encode_parts<'a>(
         serde_json::to_writer(&mut out, stream).expect("writing to a Vec cannot fail");
         out.extend_from_slice(b",\"partition_key\":");
         serde_json::to_writer(&mut out, partition_key).expect("writing to a Vec cannot fail");
-        if let Some(sequence) = sequence {
-            out.extend_from_slice(format!(",\"sequence\":{sequence}").as_bytes());
+        match sequence {
+            Some(PENDING_SEQUENCE) => {
+                let mut mark = String::from(",\"sequence\":");
+                mark.push(crate::event::SEQUENCE_PLACEHOLDER);
+                out.extend_from_slice(mark.as_bytes());
+            }
+            Some(sequence) => {
+                out.extend_from_slice(format!(",\"sequence\":{sequence}").as_bytes());
+            }
+            None => {}
         }
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(data.as_bytes());
@@ -60,7 +68,11 @@ pub(crate) fn encode_parts<'a>(
     String::from_utf8(out).expect("JSON written from strings is UTF-8")
 }
 
-/// Encodes staged events into the `records` column format.
+/// A sequence not taken yet: written as the placeholder (sequences start at 1).
+const PENDING_SEQUENCE: i64 = i64::MIN;
+
+/// Encodes staged events into the `records` column format (an event whose sequence is pending
+/// gets the placeholder in its record too).
 pub(crate) fn encode_records<'a>(events: impl IntoIterator<Item = &'a Prepared>) -> String {
     encode_parts(events.into_iter().map(|e| {
         (
@@ -68,7 +80,11 @@ pub(crate) fn encode_records<'a>(events: impl IntoIterator<Item = &'a Prepared>)
             e.stream.as_str(),
             e.partition_key.as_str(),
             e.data.as_str(),
-            e.sequence,
+            if e.sequence_pending() {
+                Some(PENDING_SEQUENCE)
+            } else {
+                e.sequence
+            },
         )
     }))
 }
@@ -103,18 +119,25 @@ pub const MAX_JOB_BYTES: usize = 5 * 1024 * 1024;
 /// passed to the database, which adds it to its own clock: events with the same delay share a
 /// job, and no application clock is compared with the database's.
 pub(crate) fn group(staged: &[Prepared]) -> Vec<NewJob> {
-    let mut groups: Vec<(i32, Option<RunAt>, Vec<&Prepared>)> = Vec::new();
-    for event in staged {
+    group_with_members(staged).0
+}
+
+/// [`group`], and which of `staged` each job holds, in order.
+pub(crate) fn group_with_members(staged: &[Prepared]) -> (Vec<NewJob>, Vec<Vec<usize>>) {
+    let mut groups: Vec<(i32, Option<RunAt>, Vec<usize>)> = Vec::new();
+    for (i, event) in staged.iter().enumerate() {
         match groups
             .iter_mut()
             .find(|(priority, at, _)| *priority == event.priority && *at == event.run_at)
         {
-            Some((_, _, events)) => events.push(event),
-            None => groups.push((event.priority, event.run_at, vec![event])),
+            Some((_, _, events)) => events.push(i),
+            None => groups.push((event.priority, event.run_at, vec![i])),
         }
     }
     let mut jobs = Vec::with_capacity(groups.len());
-    for (priority, run_at, events) in groups {
+    let mut members = Vec::with_capacity(groups.len());
+    for (priority, run_at, indices) in groups {
+        let events: Vec<&Prepared> = indices.iter().map(|&i| &staged[i]).collect();
         let mut start = 0;
         while start < events.len() {
             let mut end = start;
@@ -128,6 +151,7 @@ pub(crate) fn group(staged: &[Prepared]) -> Vec<NewJob> {
                 end += 1;
             }
             let chunk = &events[start..end];
+            members.push(indices[start..end].to_vec());
             let records = encode_records(chunk.iter().copied());
             jobs.push(NewJob {
                 priority,
@@ -146,5 +170,5 @@ pub(crate) fn group(staged: &[Prepared]) -> Vec<NewJob> {
             start = end;
         }
     }
-    jobs
+    (jobs, members)
 }

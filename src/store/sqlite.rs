@@ -651,4 +651,18 @@ async fn unpark(
     Ok(Some(parked))
 }
 
+/// Two statements on SQLite (it is in-process: there is no round trip to save): the sequences,
+/// then the jobs with their placeholders filled here.
+async fn insert_jobs_taking_sequences(
+    conn: &mut SqliteConnection,
+    keys: &[(String, String, i64)],
+    jobs: &[NewJob],
+    slots: &[(i64, i64)],
+) -> Result<(Vec<JobId>, Vec<i64>), Error> {
+    let last = take_sequences(conn, keys).await?;
+    let bases: Vec<i64> = last.iter().zip(keys).map(|(last, k)| last - k.2).collect();
+    let jobs = super::fill_placeholders(jobs, &bases, slots)?;
+    Ok((insert_jobs(conn, &jobs).await?, bases))
+}
+
 impl_backend!(Sqlite, SqliteConnection, SqlitePool);
