@@ -160,7 +160,7 @@ pub(crate) async fn deliver<DB: Backend>(
             continue;
         }
         idle_since = None;
-        let stop = round::<DB>(
+        let (stop, acknowledged) = round::<DB>(
             pool,
             sink,
             metrics,
@@ -176,7 +176,9 @@ pub(crate) async fn deliver<DB: Backend>(
         if stop {
             break;
         }
-        last_advance = tokio::time::Instant::now();
+        if acknowledged {
+            last_advance = tokio::time::Instant::now();
+        }
         if advanced.has_changed().unwrap_or(false) {
             look = waiting_keys(&pending, &active);
         }
@@ -190,15 +192,19 @@ pub(crate) async fn deliver<DB: Backend>(
 
 /// Keys with records pending that may not go yet.
 fn waiting_keys(pending: &[VecDeque<(i64, Slot)>], active: &[usize]) -> Vec<usize> {
+    let mut is_active = vec![false; pending.len()];
+    for &k in active {
+        is_active[k] = true;
+    }
     (0..pending.len())
-        .filter(|k| !pending[*k].is_empty() && !active.contains(k))
+        .filter(|&k| !pending[k].is_empty() && !is_active[k])
         .collect()
 }
 
 /// One round: the next record of every active key, by stream, cut to the request limits;
 /// then the acknowledged keys' progress is recorded. A key stays active while its next record
 /// follows the one acknowledged. Returns whether the batch must stop (the deadline, or
-/// progress that could not be recorded).
+/// progress that could not be recorded), and whether any record was acknowledged.
 #[allow(clippy::too_many_arguments)]
 async fn round<DB: Backend>(
     pool: &sqlx::Pool<DB>,
@@ -211,7 +217,7 @@ async fn round<DB: Backend>(
     pending: &mut [VecDeque<(i64, Slot)>],
     active: &mut Vec<usize>,
     out: &mut Vec<(Slot, RecordOutcome)>,
-) -> bool {
+) -> (bool, bool) {
     let mut owner: HashMap<Slot, usize> = HashMap::new();
     let mut by_stream: BTreeMap<&str, Vec<Slot>> = BTreeMap::new();
     for &k in active.iter() {
@@ -328,6 +334,7 @@ async fn round<DB: Backend>(
         out.extend(pending[k].drain(..).map(|(_, slot)| (slot, Err(waiting()))));
     }
     acked.sort();
+    let acknowledged = !acked.is_empty();
     let progress = if acked.is_empty() {
         Ok(0)
     } else {
@@ -363,7 +370,7 @@ async fn round<DB: Backend>(
     }
     let stopped: std::collections::HashSet<usize> = stopped.into_iter().collect();
     active.retain(|k| !stopped.contains(k) && !pending[*k].is_empty());
-    stop
+    (stop, acknowledged && !stop)
 }
 
 /// A job whose only undelivered records wait (for a predecessor, or on a parked key): kept

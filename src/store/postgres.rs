@@ -51,6 +51,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         description: "first due time",
         sql: include_str!("../../migrations/postgres/0006_due_at.sql"),
     },
+    Migration {
+        version: 7,
+        description: "room for in-place updates of ordered keys' rows",
+        sql: include_str!("../../migrations/postgres/0007_key_rows_fillfactor.sql"),
+    },
 ];
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
