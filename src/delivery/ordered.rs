@@ -117,6 +117,9 @@ pub(crate) async fn deliver<DB: Backend>(
     let mut idle_since: Option<tokio::time::Instant> = None;
     let mut last_advance = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= deadline {
+            break; // what is left goes next time
+        }
         if !look.is_empty() {
             advanced.borrow_and_update();
             let names: Vec<(String, String)> = look.iter().map(|&k| keys[k].clone()).collect();
@@ -180,6 +183,7 @@ pub(crate) async fn deliver<DB: Backend>(
             last_advance = tokio::time::Instant::now();
         }
         if advanced.has_changed().unwrap_or(false) {
+            last_advance = tokio::time::Instant::now();
             look = waiting_keys(&pending, &active);
         }
     }
