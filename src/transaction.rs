@@ -281,9 +281,10 @@ impl<DB: Backend> Journaled<DB> {
                 if prepared.ordered {
                     // The sequence and the job commit together: no gap.
                     let mut tx = DB::begin(&self.pool).await?;
-                    take_sequences::<DB>(&mut tx, std::slice::from_mut(&mut prepared)).await?;
-                    jobs = store::group(std::slice::from_ref(&prepared));
-                    ids = DB::insert_jobs(&mut tx, &jobs).await?;
+                    (jobs, ids) =
+                        insert_taking_sequences::<DB>(&mut tx, std::slice::from_mut(&mut prepared))
+                            .await?
+                            .expect("an ordered event takes a sequence");
                     tx.commit().await?;
                 } else {
                     jobs = store::group(std::slice::from_ref(&prepared));
@@ -593,33 +594,6 @@ async fn insert_taking_sequences<DB: Backend>(
         }
     }
     Ok(Some((jobs, ids)))
-}
-
-/// Takes the sequences of the ordered events among `staged`, in the writer's transaction, and
-/// puts each in its event's envelope: per (stream, partition key), in `journal!` order. One
-/// statement for all keys, sorted, so that writers of several keys never deadlock.
-async fn take_sequences<DB: Backend>(
-    conn: &mut DB::Connection,
-    staged: &mut [Prepared],
-) -> Result<(), Error> {
-    let keys = ordered_keys(staged);
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let last = DB::take_sequences(conn, &keys).await?;
-    let mut next: std::collections::HashMap<(String, String), i64> = keys
-        .into_iter()
-        .zip(last)
-        .map(|((stream, key, n), last)| ((stream, key), last - n + 1))
-        .collect();
-    for event in staged.iter_mut().filter(|e| e.ordered) {
-        let key = (event.stream.clone(), event.partition_key.clone());
-        let slot = next.get_mut(&key).expect("every ordered key was counted");
-        let seq = *slot;
-        *slot += 1;
-        event.set_sequence(seq);
-    }
-    Ok(())
 }
 
 fn log_enqueued(jobs: &[NewJob], ids: &[store::JobId], events: &[Prepared]) {

@@ -128,18 +128,19 @@ pub(crate) const SEQUENCE_ROOM: usize = 32;
 /// control characters in strings), so splitting at it is unambiguous.
 pub(crate) const SEQUENCE_PLACEHOLDER: char = '\u{1}';
 
-/// The prefix of a sequence in an envelope.
+/// The prefix of a sequence in an envelope or a stored record.
 const SEQUENCE_KEY: &str = ",\"sequence\":";
+
+/// A sequence not taken yet, as written in an envelope or a stored record.
+pub(crate) const SEQUENCE_MARK: &str = ",\"sequence\":\u{1}";
 
 impl Prepared {
     /// Puts the sequence taken at commit into the envelope, right after `created_at` (in place
     /// of the placeholder, if [`mark_sequence`](Self::mark_sequence) put one there).
     pub(crate) fn set_sequence(&mut self, sequence: i64) {
         debug_assert!(self.ordered && self.sequence.is_none());
-        let at = self.splice_at + SEQUENCE_KEY.len();
-        if self.data[self.splice_at..].starts_with(SEQUENCE_KEY)
-            && self.data[at..].starts_with(SEQUENCE_PLACEHOLDER)
-        {
+        if self.sequence_pending() {
+            let at = self.splice_at + SEQUENCE_KEY.len();
             self.data.replace_range(
                 at..at + SEQUENCE_PLACEHOLDER.len_utf8(),
                 &sequence.to_string(),
@@ -154,18 +155,14 @@ impl Prepared {
     /// Puts a placeholder where the sequence goes; [`set_sequence`](Self::set_sequence) replaces it.
     pub(crate) fn mark_sequence(&mut self) {
         debug_assert!(self.ordered && self.sequence.is_none());
-        let mut mark = String::from(SEQUENCE_KEY);
-        mark.push(SEQUENCE_PLACEHOLDER);
-        self.data.insert_str(self.splice_at, &mark);
+        self.data.insert_str(self.splice_at, SEQUENCE_MARK);
     }
 
     /// Whether its envelope holds a placeholder for its sequence.
     pub(crate) fn sequence_pending(&self) -> bool {
-        let at = self.splice_at + SEQUENCE_KEY.len();
         self.ordered
             && self.sequence.is_none()
-            && self.data[self.splice_at..].starts_with(SEQUENCE_KEY)
-            && self.data[at..].starts_with(SEQUENCE_PLACEHOLDER)
+            && self.data[self.splice_at..].starts_with(SEQUENCE_MARK)
     }
 }
 

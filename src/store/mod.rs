@@ -19,12 +19,6 @@ macro_rules! impl_backend {
             {
                 Box::pin(insert_jobs(conn, jobs))
             }
-            fn take_sequences<'c>(
-                conn: &'c mut $conn,
-                keys: &'c [(String, String, i64)],
-            ) -> $crate::store::BoxFuture<'c, Result<Vec<i64>, $crate::Error>> {
-                Box::pin(take_sequences(conn, keys))
-            }
             fn insert_jobs_taking_sequences<'c>(
                 conn: &'c mut $conn,
                 keys: &'c [(String, String, i64)],
@@ -464,16 +458,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         jobs: &'c [NewJob],
     ) -> BoxFuture<'c, Result<Vec<JobId>, Error>>;
 
-    /// Takes `count` sequences for each (stream, partition key, count), in the caller's
-    /// transaction, in one statement (keys in the order given: sort them, so that writers
-    /// lock keys in one order); returns the last sequence taken for each, in order.
-    fn take_sequences<'c>(
-        conn: &'c mut Self::Connection,
-        keys: &'c [(String, String, i64)],
-    ) -> BoxFuture<'c, Result<Vec<i64>, Error>>;
-
-    /// Takes the sequences of `keys` (as [`take_sequences`](Backend::take_sequences)) and
-    /// inserts `jobs` in the same statement, one round trip: the jobs' records hold
+    /// Takes `count` sequences for each (stream, partition key, count) of `keys`, in the
+    /// caller's transaction (keys locked in the order given: sort them, so that writers lock
+    /// keys in one order and never deadlock), and inserts `jobs` in the same statement, one
+    /// round trip: the jobs' records hold
     /// [`SEQUENCE_PLACEHOLDER`](crate::event::SEQUENCE_PLACEHOLDER)s, which the database
     /// replaces, in order, each with `slots[i] = (key index, n)`: that key's `n`th sequence
     /// taken now. Returns the job ids and, per key, the sequence before the first taken.
@@ -677,27 +665,6 @@ pub(crate) fn placeholders_mismatch() -> Error {
     Error::Database(sqlx::Error::Protocol(
         "the jobs' sequence placeholders do not match the sequences asked for".into(),
     ))
-}
-
-pub(crate) fn in_order(
-    keys: &[(String, String, i64)],
-    rows: Vec<(String, String, i64)>,
-) -> Result<Vec<i64>, Error> {
-    let last: std::collections::HashMap<(String, String), i64> = rows
-        .into_iter()
-        .map(|(stream, key, seq)| ((stream, key), seq))
-        .collect();
-    keys.iter()
-        .map(|(stream, key, _)| {
-            last.get(&(stream.clone(), key.clone()))
-                .copied()
-                .ok_or_else(|| {
-                    Error::Database(sqlx::Error::Protocol(format!(
-                        "no sequence returned for {stream}/{key}"
-                    )))
-                })
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -109,31 +109,6 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     Ok(ids.into_iter().map(JobId).collect())
 }
 
-#[tracing::instrument(name = "journaled.take_sequences", skip_all, fields(keys = keys.len()), err)]
-async fn take_sequences(
-    conn: &mut PgConnection,
-    keys: &[(String, String, i64)],
-) -> Result<Vec<i64>, Error> {
-    let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-    let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-    let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
-    // Rows are upserted (and locked) in the order given.
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
-         SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
-         ORDER BY o \
-         ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
-         RETURNING stream, partition_key, seq",
-    )
-    .bind(&streams)
-    .bind(&partition_keys)
-    .bind(&counts)
-    .fetch_all(conn)
-    .await
-    .map_err(db_error)?;
-    super::in_order(keys, rows)
-}
-
 /// One statement: upsert the keys' sequence rows (locked in the order given), then insert the
 /// jobs with each placeholder replaced by its sequence (`base + n`), then return the jobs' ids
 /// and each key's base. A job's pieces are its records split at the placeholders.

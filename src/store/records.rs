@@ -51,9 +51,7 @@ pub(crate) fn encode_parts<'a>(
         serde_json::to_writer(&mut out, partition_key).expect("writing to a Vec cannot fail");
         match sequence {
             Some(PENDING_SEQUENCE) => {
-                let mut mark = String::from(",\"sequence\":");
-                mark.push(crate::event::SEQUENCE_PLACEHOLDER);
-                out.extend_from_slice(mark.as_bytes());
+                out.extend_from_slice(crate::event::SEQUENCE_MARK.as_bytes());
             }
             Some(sequence) => {
                 out.extend_from_slice(format!(",\"sequence\":{sequence}").as_bytes());

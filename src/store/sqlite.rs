@@ -79,7 +79,28 @@ async fn take_sequences(
         }
         rows.extend(query.fetch_all(&mut *conn).await.map_err(db_error)?);
     }
-    super::in_order(keys, rows)
+    in_order(keys, rows)
+}
+
+fn in_order(
+    keys: &[(String, String, i64)],
+    rows: Vec<(String, String, i64)>,
+) -> Result<Vec<i64>, Error> {
+    let last: std::collections::HashMap<(String, String), i64> = rows
+        .into_iter()
+        .map(|(stream, key, seq)| ((stream, key), seq))
+        .collect();
+    keys.iter()
+        .map(|(stream, key, _)| {
+            last.get(&(stream.clone(), key.clone()))
+                .copied()
+                .ok_or_else(|| {
+                    Error::Database(sqlx::Error::Protocol(format!(
+                        "no sequence returned for {stream}/{key}"
+                    )))
+                })
+        })
+        .collect()
 }
 
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
