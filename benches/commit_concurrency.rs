@@ -123,7 +123,7 @@ async fn one_transaction(
 ) {
     let account = fastrand::i64(0..ACCOUNTS);
     match mode {
-        Mode::Ordered => {
+        Mode::Library | Mode::LibraryQuiet | Mode::Ordered => {
             let key = format!("w{writer}-{}", n % 100);
             let mut tx = journaled.begin().await.unwrap();
             sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
@@ -133,30 +133,22 @@ async fn one_transaction(
                 .unwrap();
             for i in 0..EVENTS {
                 let e = event(account, i);
-                journal!(
-                    tx,
-                    AccountCreditedInOrder {
-                        key: key.clone(),
-                        account_id: e.account_id,
-                        amount_cents: e.amount_cents,
-                        currency: e.currency,
-                        reference: e.reference,
-                        note: e.note,
-                    }
-                )
-                .unwrap();
-            }
-            tx.commit().await.unwrap();
-        }
-        Mode::Library | Mode::LibraryQuiet => {
-            let mut tx = journaled.begin().await.unwrap();
-            sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
-                .bind(account)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            for i in 0..EVENTS {
-                journal!(tx, event(account, i)).unwrap();
+                if mode == Mode::Ordered {
+                    journal!(
+                        tx,
+                        AccountCreditedInOrder {
+                            key: key.clone(),
+                            account_id: e.account_id,
+                            amount_cents: e.amount_cents,
+                            currency: e.currency,
+                            reference: e.reference,
+                            note: e.note,
+                        }
+                    )
+                    .unwrap();
+                } else {
+                    journal!(tx, e).unwrap();
+                }
             }
             tx.commit().await.unwrap();
         }
