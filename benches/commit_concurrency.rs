@@ -124,7 +124,7 @@ async fn one_transaction(
     let account = fastrand::i64(0..ACCOUNTS);
     match mode {
         Mode::Library | Mode::LibraryQuiet | Mode::Ordered => {
-            let key = format!("w{writer}-{}", n % 100);
+            let key = (mode == Mode::Ordered).then(|| format!("w{writer}-{}", n % 100));
             let mut tx = journaled.begin().await.unwrap();
             sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
                 .bind(account)
@@ -133,7 +133,7 @@ async fn one_transaction(
                 .unwrap();
             for i in 0..EVENTS {
                 let e = event(account, i);
-                if mode == Mode::Ordered {
+                if let Some(key) = &key {
                     journal!(
                         tx,
                         AccountCreditedInOrder {
