@@ -767,3 +767,80 @@ async fn progress_and_parking_survive_database_errors() {
     .unwrap();
     assert_eq!(delivered, 2);
 }
+
+/// On PostgreSQL an ordered job is stored with described placeholders and its own keys'
+/// sequence bases (the writer's statement splices nothing into the text), and read back
+/// filled, by `jobs()` and by the worker. A job whose bases were lost is dead as corrupt, with
+/// the reason; the other keys flow in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_jobs_are_stored_with_their_bases_and_filled_when_read() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    // One job of two keys (the general statement), then one of one key each (the short one).
+    for accounts in [&["a", "a", "b"][..], &["a"], &["c"]] {
+        let mut tx = journaled.begin().await.unwrap();
+        for (n, account) in accounts.iter().enumerate() {
+            journal!(
+                tx,
+                Ordered {
+                    account: (*account).into(),
+                    n: n as i64
+                }
+            )
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let stored: Vec<(i64, String, Option<Vec<i64>>)> =
+        sqlx::query_as("SELECT id, records, sequence_bases FROM journaled.jobs ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 3);
+    let p = '\u{1}';
+    assert!(stored[0].1.contains(&format!("\"sequence\":{p}1.1{p}")));
+    assert!(stored.iter().all(|(_, records, _)| !records.contains("\"sequence\":1")));
+    let bases: Vec<_> = stored.iter().map(|s| s.2.clone()).collect();
+    assert_eq!(bases, [Some(vec![0, 0]), Some(vec![2]), Some(vec![0])]);
+    let read: Vec<_> = sequences(&journaled)
+        .await
+        .into_iter()
+        .map(|(key, envelope, record, _)| {
+            assert_eq!(envelope, record, "{key}");
+            (key, envelope.unwrap())
+        })
+        .collect();
+    let expected = [("a", 1), ("a", 2), ("b", 1), ("a", 3), ("c", 1)];
+    assert_eq!(
+        read,
+        expected.map(|(k, s)| (k.to_owned(), s)),
+        "filled when read"
+    );
+
+    sqlx::query("UPDATE journaled.jobs SET sequence_bases = '{}' WHERE id = $1")
+        .bind(stored[2].0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let err = journaled.jobs().await.unwrap()[2].records().unwrap_err();
+    assert!(err.to_string().contains("sequence placeholder"), "{err}");
+    let (stop, worker) = spawn_worker(&db.pool, &emulator.endpoint()).await;
+    wait_until(60, "a and b delivered, c's job dead", || async {
+        let jobs = journaled.jobs().await.unwrap_or_default();
+        jobs.len() == 1
+            && jobs[0].dead_at.is_some()
+            && jobs[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("sequence placeholder"))
+    })
+    .await;
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    let order = first_appearances(&emulator, "test_stream").await;
+    assert_eq!(order.get("a"), Some(&vec![1, 2, 3]));
+    assert_eq!(order.get("b"), Some(&vec![1]));
+    assert_eq!(order.get("c"), None);
+}

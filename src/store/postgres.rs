@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::ParkedKey;
 use super::{
     BoxFuture, Claimed, Job, JobId, Migration, NewJob, Receipt, ReceiptStats, Reschedule, Status,
-    Trace, TracedJob, db_error, pending, placeholders_mismatch,
+    Trace, TracedJob, db_error, pending, with_sequences,
 };
 use crate::Error;
 use crate::EventId;
@@ -55,6 +55,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         version: 7,
         description: "room for in-place updates of ordered keys' rows",
         sql: include_str!("../../migrations/postgres/0007_key_rows_fillfactor.sql"),
+    },
+    Migration {
+        version: 8,
+        description: "ordered jobs' sequence bases, filled on read",
+        sql: include_str!("../../migrations/postgres/0008_job_sequence_bases.sql"),
     },
 ];
 
@@ -110,8 +115,9 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
 }
 
 /// One statement: upsert the keys' sequence rows (locked in the order given), then insert the
-/// jobs with each placeholder replaced by its sequence (`base + n`), then return the jobs' ids
-/// and each key's base. A job's pieces are its records split at the placeholders.
+/// jobs with their placeholders described and each job's keys' bases beside them (filled when
+/// the job is read: see [`Backend::insert_jobs_taking_sequences`]); returns the jobs' ids and
+/// each key's base.
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len(), ordered_keys = keys.len()), err)]
 async fn insert_jobs_taking_sequences(
     conn: &mut PgConnection,
@@ -119,7 +125,34 @@ async fn insert_jobs_taking_sequences(
     jobs: &[NewJob],
     slots: &[(i64, i64)],
 ) -> Result<(Vec<JobId>, Vec<i64>), Error> {
-    {
+    let (records, job_keys) = super::describe_placeholders(jobs, slots, keys.len())?;
+    let rows: Vec<(i64, Vec<i64>)> = if let ([(stream, key, count)], [job]) = (keys, jobs) {
+        // The usual transaction, one job and one key: the plainest statement, which costs
+        // writers little more than the job's INSERT alone.
+        sqlx::query_as(
+            "WITH taken AS ( \
+                 INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
+                 VALUES ($1, $2, $3) \
+                 ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
+                 RETURNING seq - $3 AS base) \
+             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
+             SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
+             FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
+             RETURNING id, sequence_bases",
+        )
+        .bind(stream)
+        .bind(key)
+        .bind(count)
+        .bind(job.priority)
+        .bind(job.run_at)
+        .bind(job.delay.map(|d| d.as_secs_f64()))
+        .bind(job.event_count)
+        .bind(records[0].len() as i32)
+        .bind(&records[0])
+        .fetch_all(conn)
+        .await
+        .map_err(db_error)?
+    } else {
         let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
         let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
@@ -130,33 +163,14 @@ async fn insert_jobs_taking_sequences(
             .map(|j| j.delay.map(|d| d.as_secs_f64()))
             .collect();
         let event_counts: Vec<i32> = jobs.iter().map(|j| j.event_count).collect();
-        // Every job's pieces, flattened: (job, text, key of the placeholder after it, n).
-        let mut piece_jobs: Vec<i32> = Vec::new();
-        let mut pieces: Vec<&str> = Vec::new();
-        let mut piece_keys: Vec<Option<i64>> = Vec::new();
-        let mut piece_ns: Vec<Option<i64>> = Vec::new();
-        let mut slots = slots.iter();
-        for (j, job) in jobs.iter().enumerate() {
-            let mut parts = job
-                .records
-                .split(crate::event::SEQUENCE_PLACEHOLDER)
-                .peekable();
-            while let Some(piece) = parts.next() {
-                piece_jobs.push(j as i32 + 1);
-                pieces.push(piece);
-                let slot = if parts.peek().is_some() {
-                    Some(slots.next().ok_or_else(placeholders_mismatch)?)
-                } else {
-                    None
-                };
-                piece_keys.push(slot.map(|s| s.0 + 1));
-                piece_ns.push(slot.map(|s| s.1));
-            }
-        }
-        if slots.next().is_some() {
-            return Err(placeholders_mismatch());
-        }
-        let rows: Vec<(i64, Vec<i64>)> = sqlx::query_as(
+        let bytes: Vec<i32> = records.iter().map(|r| r.len() as i32).collect();
+        // Each job's own keys, flattened: (job, key), both 1-based.
+        let (own_jobs, own_keys): (Vec<i32>, Vec<i64>) = job_keys
+            .iter()
+            .enumerate()
+            .flat_map(|(j, own)| own.iter().map(move |&k| (j as i32 + 1, k + 1)))
+            .unzip();
+        sqlx::query_as(
             "WITH taken AS ( \
                  INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
                  SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
@@ -167,17 +181,17 @@ async fn insert_jobs_taking_sequences(
                  SELECT t.o, taken.seq - t.n AS base \
                  FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
                  JOIN taken ON taken.stream = t.s AND taken.partition_key = t.p), \
-             filled AS ( \
-                 SELECT x.j, string_agg(x.piece || coalesce((base.base + x.n)::text, ''), '' ORDER BY x.i) AS records \
-                 FROM UNNEST($8::int4[], $9::text[], $10::int8[], $11::int8[]) WITH ORDINALITY AS x(j, piece, k, n, i) \
-                 LEFT JOIN base ON base.o = x.k \
+             own AS ( \
+                 SELECT x.j, array_agg(base.base ORDER BY x.i) AS bases \
+                 FROM UNNEST($10::int4[], $11::int8[]) WITH ORDINALITY AS x(j, k, i) \
+                 JOIN base ON base.o = x.k \
                  GROUP BY x.j) \
-             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
-             SELECT p, r, r, r <= now(), c, octet_length(filled.records), filled.records FROM ( \
-                 SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, n \
-                 FROM UNNEST($4::int4[], $5::timestamptz[], $6::float8[], $7::int4[]) \
-                      WITH ORDINALITY AS t(p, a, dl, c, n)) AS due \
-             JOIN filled ON filled.j = due.n \
+             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
+             SELECT p, r, r, r <= now(), c, b, d, own.bases FROM ( \
+                 SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, b, d, n \
+                 FROM UNNEST($4::int4[], $5::timestamptz[], $6::float8[], $7::int4[], $8::int4[], $9::text[]) \
+                      WITH ORDINALITY AS t(p, a, dl, c, b, d, n)) AS due \
+             LEFT JOIN own ON own.j = due.n \
              ORDER BY due.n \
              RETURNING id, (SELECT array_agg(base.base ORDER BY base.o) FROM base)",
         )
@@ -188,25 +202,25 @@ async fn insert_jobs_taking_sequences(
         .bind(&run_ats)
         .bind(&delays)
         .bind(&event_counts)
-        .bind(&piece_jobs)
-        .bind(&pieces)
-        .bind(&piece_keys)
-        .bind(&piece_ns)
+        .bind(&bytes)
+        .bind(&records)
+        .bind(&own_jobs)
+        .bind(&own_keys)
         .fetch_all(conn)
         .await
-        .map_err(db_error)?;
-        let bases = rows.first().map(|r| r.1.clone()).unwrap_or_default();
-        if rows.len() != jobs.len() || bases.len() != keys.len() {
-            return Err(Error::Database(sqlx::Error::Protocol(format!(
-                "{} jobs and {} sequences returned for {} jobs and {} keys",
-                rows.len(),
-                bases.len(),
-                jobs.len(),
-                keys.len()
-            ))));
-        }
-        Ok((rows.into_iter().map(|r| JobId(r.0)).collect(), bases))
+        .map_err(db_error)?
+    };
+    let bases = rows.first().map(|r| r.1.clone()).unwrap_or_default();
+    if rows.len() != jobs.len() || bases.len() != keys.len() {
+        return Err(Error::Database(sqlx::Error::Protocol(format!(
+            "{} jobs and {} sequences returned for {} jobs and {} keys",
+            rows.len(),
+            bases.len(),
+            jobs.len(),
+            keys.len()
+        ))));
     }
+    Ok((rows.into_iter().map(|r| JobId(r.0)).collect(), bases))
 }
 
 async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
@@ -313,7 +327,7 @@ async fn migrate(pool: &PgPool) -> Result<(), Error> {
 
 async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
     let rows = sqlx::query(
-        "SELECT id, priority, run_at, attempts, last_error, dead_at, created_at, event_count, records \
+        "SELECT id, priority, run_at, attempts, last_error, dead_at, created_at, event_count, records, sequence_bases \
          FROM journaled.jobs ORDER BY id",
     )
     .fetch_all(pool)
@@ -329,7 +343,7 @@ async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
                 dead_at: row.try_get("dead_at")?,
                 created_at: row.try_get("created_at")?,
                 event_count: row.try_get("event_count")?,
-                records: row.try_get("records")?,
+                records: with_sequences(row.try_get("records")?, row.try_get("sequence_bases")?),
             })
         })
         .collect()
@@ -375,7 +389,7 @@ async fn claim(
              locked_until = now() + make_interval(secs => $3), \
              run_at = now() + make_interval(secs => $3) \
          FROM sized WHERE j.id = sized.id AND (sized.before = 0 OR sized.before < $4) \
-         RETURNING j.id, j.priority, j.attempts, j.transient_failures, j.records, j.created_at",
+         RETURNING j.id, j.priority, j.attempts, j.transient_failures, j.records, j.sequence_bases, j.created_at",
     )
     .bind(limit)
     .bind(owner)
@@ -392,7 +406,7 @@ async fn claim(
                 priority: row.try_get("priority")?,
                 attempts: row.try_get("attempts")?,
                 transient_failures: row.try_get("transient_failures")?,
-                records: row.try_get("records")?,
+                records: with_sequences(row.try_get("records")?, row.try_get("sequence_bases")?),
                 created_at: row.try_get("created_at")?,
             })
         })
@@ -423,6 +437,7 @@ async fn reschedule(pool: &PgPool, owner: &str, job: &Reschedule) -> Result<bool
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE journaled.jobs SET records = coalesce($3, records), event_count = coalesce($4, event_count), \
+             sequence_bases = CASE WHEN $3 IS NULL THEN sequence_bases END, \
              bytes = coalesce(octet_length($3), bytes), attempts = $5, \
              run_at = now() + make_interval(secs => $6), ready = false, \
              last_error = $7, dead_at = CASE WHEN $8 THEN now() END, \

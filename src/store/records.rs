@@ -103,7 +103,17 @@ pub(crate) fn encode_stored<'a>(records: impl IntoIterator<Item = &'a StoredReco
 
 /// Decodes the `records` column; the message says what is wrong.
 pub fn decode_records(text: &str) -> Result<Vec<StoredRecord>, String> {
-    serde_json::from_str(text).map_err(|e| format!("records are not decodable: {e}"))
+    serde_json::from_str(text).map_err(|e| {
+        if let Some(placeholder) = text.find(crate::event::SEQUENCE_PLACEHOLDER) {
+            let near: String = text[placeholder..].chars().take(24).collect();
+            format!(
+                "records are not decodable: they hold a sequence placeholder that was not filled \
+                 (its job's sequence bases are missing or do not match it) at {near:?}"
+            )
+        } else {
+            format!("records are not decodable: {e}")
+        }
+    })
 }
 
 /// Most records one job row holds: one `PutRecords` request's worth.
@@ -169,4 +179,18 @@ pub(crate) fn group_with_members(staged: &[Prepared]) -> (Vec<NewJob>, Vec<Vec<u
         }
     }
     (jobs, members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unfilled_sequence_placeholder_is_named_when_records_do_not_decode() {
+        let text = "[{\"id\":\"0190a5d8-0000-7000-8000-000000000000\",\"stream\":\"s\",\"partition_key\":\"k\",\"sequence\":\u{1}0.1\u{1},\"data\":{}}]";
+        let err = decode_records(text).unwrap_err();
+        assert!(err.contains("sequence placeholder that was not filled"), "{err}");
+        let err = decode_records("[{").unwrap_err();
+        assert!(err.starts_with("records are not decodable: EOF"), "{err}");
+    }
 }

@@ -682,8 +682,22 @@ async fn insert_jobs_taking_sequences(
 ) -> Result<(Vec<JobId>, Vec<i64>), Error> {
     let last = take_sequences(conn, keys).await?;
     let bases: Vec<i64> = last.iter().zip(keys).map(|(last, k)| last - k.2).collect();
-    let jobs = super::fill_placeholders(jobs, &bases, slots)?;
-    Ok((insert_jobs(conn, &jobs).await?, bases))
+    let (records, job_keys) = super::describe_placeholders(jobs, slots, keys.len())?;
+    let mut filled = Vec::with_capacity(jobs.len());
+    for ((job, records), own) in jobs.iter().zip(records).zip(job_keys) {
+        let own: Vec<i64> = own.iter().map(|&k| bases[k as usize]).collect();
+        let records = super::fill_sequences(&records, &own)
+            .map_err(|message| Error::Database(sqlx::Error::Protocol(message)))?;
+        filled.push(NewJob {
+            priority: job.priority,
+            run_at: job.run_at,
+            delay: job.delay,
+            event_count: job.event_count,
+            bytes: records.len() as i32,
+            records,
+        });
+    }
+    Ok((insert_jobs(conn, &filled).await?, bases))
 }
 
 impl_backend!(Sqlite, SqliteConnection, SqlitePool);
