@@ -7,7 +7,8 @@
 //!
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names the server; the
 //! bench creates and drops its own database. `JOURNALED_BENCH_SECS` (default 3) is the length of
-//! one measurement, `JOURNALED_BENCH_ROUNDS` (default 2) the rounds of interleaved modes.
+//! one measurement, `JOURNALED_BENCH_ROUNDS` (default 2) the rounds of interleaved modes;
+//! `JOURNALED_BENCH_MODES=L,O` measures those modes only (and skips 4x16 and the claims).
 //!
 //! Each transaction: UPDATE a random row of 10,000, then
 //! - (L) the library: 10 `journal!` calls (~200-byte events), COMMIT (one job row);
@@ -266,9 +267,10 @@ async fn quiesce(admin: &PgPool) {
     }
 }
 
+/// The median; NaN for a mode left out (`JOURNALED_BENCH_MODES`).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn bench_url(admin_url: &str) -> String {
@@ -509,6 +511,13 @@ async fn main() {
     );
     let only_claims = std::env::var("JOURNALED_BENCH_ONLY_CLAIMS").is_ok()
         || std::env::var("JOURNALED_BENCH_PROFILE").is_ok();
+    // Some modes only, e.g. JOURNALED_BENCH_MODES=L,O (then no 4x16 and no claims).
+    let modes = std::env::var("JOURNALED_BENCH_MODES").ok();
+    let chosen = |mode: Mode| {
+        modes
+            .as_deref()
+            .is_none_or(|m| m.split(',').any(|m| m.trim() == mode.name()))
+    };
     for connections in [1usize, 4, 16, 64].into_iter().filter(|_| !only_claims) {
         let mut tps: [Vec<f64>; 5] = Default::default();
         let mut cpu: [Vec<f64>; 5] = Default::default();
@@ -522,6 +531,7 @@ async fn main() {
             ]
             .into_iter()
             .enumerate()
+            .filter(|(_, mode)| chosen(*mode))
             {
                 quiesce(&admin).await;
                 let m = measure(mode, connections, secs, &url).await;
@@ -541,6 +551,7 @@ async fn main() {
     }
     let mut l4 = Vec::new();
     let mut h4 = Vec::new();
+    let only_claims = only_claims || modes.is_some();
     for _round in (0..2).filter(|_| !only_claims) {
         quiesce(&admin).await;
         l4.push(processes(Mode::Library, secs));
@@ -563,7 +574,7 @@ async fn main() {
     if let Ok(spec) = std::env::var("JOURNALED_BENCH_PROFILE") {
         // One mode alone, for a profiler: e.g. JOURNALED_BENCH_PROFILE=L,1,10
         child(&spec, &url).await;
-    } else {
+    } else if modes.is_none() {
         claims(&admin).await;
     }
 

@@ -126,14 +126,16 @@ async fn insert_jobs_taking_sequences(
     slots: &[(i64, i64)],
 ) -> Result<(Vec<JobId>, Vec<i64>), Error> {
     let (records, job_keys) = super::describe_placeholders(jobs, slots, keys.len())?;
-    let rows: Vec<(i64, Vec<i64>)> = if let ([(stream, key, count)], [job]) = (keys, jobs) {
-        // The usual transaction, one job and one key: the plainest statement, which costs
-        // writers little more than the job's INSERT alone.
-        sqlx::query_as(
+    let mut rows: Vec<(i64, Vec<i64>)> = Vec::new();
+    if let ([(stream, key, count)], [job]) = (keys, jobs) {
+        // The usual transaction, one job and one key already seen: the plainest statement, an
+        // UPDATE of the key's row (an upsert also locks the row first, one more WAL record),
+        // which costs writers little more than the job's INSERT alone. A key's first
+        // transaction inserts nothing here and takes the general statement below.
+        rows = sqlx::query_as(
             "WITH taken AS ( \
-                 INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
-                 VALUES ($1, $2, $3) \
-                 ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
+                 UPDATE journaled.key_sequences SET seq = seq + $3 \
+                 WHERE stream = $1 AND partition_key = $2 \
                  RETURNING seq - $3 AS base) \
              INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
              SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
@@ -149,10 +151,11 @@ async fn insert_jobs_taking_sequences(
         .bind(job.event_count)
         .bind(records[0].len() as i32)
         .bind(&records[0])
-        .fetch_all(conn)
+        .fetch_all(&mut *conn)
         .await
-        .map_err(db_error)?
-    } else {
+        .map_err(db_error)?;
+    }
+    if rows.is_empty() {
         let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
         let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
@@ -170,7 +173,7 @@ async fn insert_jobs_taking_sequences(
             .enumerate()
             .flat_map(|(j, own)| own.iter().map(move |&k| (j as i32 + 1, k + 1)))
             .unzip();
-        sqlx::query_as(
+        rows = sqlx::query_as(
             "WITH taken AS ( \
                  INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
                  SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
@@ -208,8 +211,8 @@ async fn insert_jobs_taking_sequences(
         .bind(&own_keys)
         .fetch_all(conn)
         .await
-        .map_err(db_error)?
-    };
+        .map_err(db_error)?;
+    }
     let bases = rows.first().map(|r| r.1.clone()).unwrap_or_default();
     if rows.len() != jobs.len() || bases.len() != keys.len() {
         return Err(Error::Database(sqlx::Error::Protocol(format!(
