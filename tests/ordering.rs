@@ -843,4 +843,36 @@ async fn ordered_jobs_are_stored_with_their_bases_and_filled_when_read() {
     assert_eq!(order.get("a"), Some(&vec![1, 2, 3]));
     assert_eq!(order.get("b"), Some(&vec![1]));
     assert_eq!(order.get("c"), None);
+
+    // A key this process took sequences for is UPDATEd, not upserted; when its row is gone
+    // (here deleted by hand), that statement inserts nothing and the upsert follows.
+    sqlx::query("DELETE FROM journaled.jobs WHERE dead_at IS NOT NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let key = format!("fresh-{}", uuid::Uuid::now_v7().simple());
+    for _ in 0..2 {
+        sqlx::query("DELETE FROM journaled.key_sequences WHERE partition_key = $1")
+            .bind(&key)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(
+            tx,
+            Ordered {
+                account: key.clone(),
+                n: 0
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let fresh: Vec<_> = sequences(&journaled)
+        .await
+        .into_iter()
+        .filter(|(k, ..)| *k == key)
+        .map(|(_, envelope, record, _)| (envelope, record))
+        .collect();
+    assert_eq!(fresh, [(Some(1), Some(1)), (Some(1), Some(1))]);
 }

@@ -114,6 +114,41 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     Ok(ids.into_iter().map(JobId).collect())
 }
 
+/// Most keys [`known_key`] remembers; it forgets them all when full (it is only a hint).
+const KNOWN_KEYS: usize = 1 << 16;
+
+/// Hashes of the (stream, key)s this process took sequences for: their rows exist (unless
+/// someone deleted them, which the statement notices).
+static KNOWN: std::sync::Mutex<Option<std::collections::HashSet<u64>>> =
+    std::sync::Mutex::new(None);
+
+fn key_hash(stream: &str, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (stream, key).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Whether this process has taken sequences for (stream, key), so that its row exists.
+fn known_key(stream: &str, key: &str) -> bool {
+    let hash = key_hash(stream, key);
+    KNOWN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|known| known.contains(&hash))
+}
+
+fn remember_key(stream: &str, key: &str) {
+    let hash = key_hash(stream, key);
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let known = known.get_or_insert_with(Default::default);
+    if known.len() >= KNOWN_KEYS {
+        known.clear();
+    }
+    known.insert(hash);
+}
+
 /// One statement: upsert the keys' sequence rows (locked in the order given), then insert the
 /// jobs with their placeholders described and each job's keys' bases beside them (filled when
 /// the job is read: see [`Backend::insert_jobs_taking_sequences`]); returns the jobs' ids and
@@ -128,11 +163,13 @@ async fn insert_jobs_taking_sequences(
     let (records, job_keys) = super::describe_placeholders(jobs, slots, keys.len())?;
     let mut rows: Vec<(i64, Vec<i64>)> = Vec::new();
     if let ([(stream, key, count)], [job]) = (keys, jobs) {
-        // The usual transaction, one job and one key already seen: the plainest statement, an
-        // UPDATE of the key's row (an upsert also locks the row first, one more WAL record),
-        // which costs writers little more than the job's INSERT alone. A key's first
-        // transaction inserts nothing here and takes the general statement below.
-        rows = sqlx::query_as(
+        // The usual transaction, one job and one key: the plainest statements, which cost
+        // writers little more than the job's INSERT alone. A key this process has seen take
+        // sequences has its row: an UPDATE of it (an upsert also locks the row first, one more
+        // WAL record). Another key, or one whose row is gone (the UPDATE inserts nothing),
+        // upserts it.
+        let known = known_key(stream, key);
+        let sql = if known {
             "WITH taken AS ( \
                  UPDATE journaled.key_sequences SET seq = seq + $3 \
                  WHERE stream = $1 AND partition_key = $2 \
@@ -140,20 +177,34 @@ async fn insert_jobs_taking_sequences(
              INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
              SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
              FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
-             RETURNING id, sequence_bases",
-        )
-        .bind(stream)
-        .bind(key)
-        .bind(count)
-        .bind(job.priority)
-        .bind(job.run_at)
-        .bind(job.delay.map(|d| d.as_secs_f64()))
-        .bind(job.event_count)
-        .bind(records[0].len() as i32)
-        .bind(&records[0])
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_error)?;
+             RETURNING id, sequence_bases"
+        } else {
+            "WITH taken AS ( \
+                 INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
+                 VALUES ($1, $2, $3) \
+                 ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
+                 RETURNING seq - $3 AS base) \
+             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
+             SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
+             FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
+             RETURNING id, sequence_bases"
+        };
+        rows = sqlx::query_as(sql)
+            .bind(stream)
+            .bind(key)
+            .bind(count)
+            .bind(job.priority)
+            .bind(job.run_at)
+            .bind(job.delay.map(|d| d.as_secs_f64()))
+            .bind(job.event_count)
+            .bind(records[0].len() as i32)
+            .bind(&records[0])
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        if !known {
+            remember_key(stream, key);
+        }
     }
     if rows.is_empty() {
         let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
