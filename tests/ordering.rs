@@ -801,7 +801,11 @@ async fn ordered_jobs_are_stored_with_their_bases_and_filled_when_read() {
     assert_eq!(stored.len(), 3);
     let p = '\u{1}';
     assert!(stored[0].1.contains(&format!("\"sequence\":{p}1.1{p}")));
-    assert!(stored.iter().all(|(_, records, _)| !records.contains("\"sequence\":1")));
+    assert!(
+        stored
+            .iter()
+            .all(|(_, records, _)| !records.contains("\"sequence\":1"))
+    );
     let bases: Vec<_> = stored.iter().map(|s| s.2.clone()).collect();
     assert_eq!(bases, [Some(vec![0, 0]), Some(vec![2]), Some(vec![0])]);
     let read: Vec<_> = sequences(&journaled)

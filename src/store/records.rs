@@ -189,7 +189,10 @@ mod tests {
     fn an_unfilled_sequence_placeholder_is_named_when_records_do_not_decode() {
         let text = "[{\"id\":\"0190a5d8-0000-7000-8000-000000000000\",\"stream\":\"s\",\"partition_key\":\"k\",\"sequence\":\u{1}0.1\u{1},\"data\":{}}]";
         let err = decode_records(text).unwrap_err();
-        assert!(err.contains("sequence placeholder that was not filled"), "{err}");
+        assert!(
+            err.contains("sequence placeholder that was not filled"),
+            "{err}"
+        );
         let err = decode_records("[{").unwrap_err();
         assert!(err.starts_with("records are not decodable: EOF"), "{err}");
     }
