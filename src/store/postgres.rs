@@ -114,6 +114,17 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     Ok(ids.into_iter().map(JobId).collect())
 }
 
+/// The one job of a one-key transaction, inserted with its key's base from the `taken` CTE
+/// (which yields no row when the key's row is missing: then no job either).
+macro_rules! one_job_from_taken {
+    () => {
+        "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
+         SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
+         FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
+         RETURNING id, sequence_bases"
+    };
+}
+
 /// Most keys [`known_key`] remembers; it forgets them all when full (it is only a hint).
 const KNOWN_KEYS: usize = 1 << 16;
 
@@ -170,24 +181,22 @@ async fn insert_jobs_taking_sequences(
         // upserts it.
         let known = known_key(stream, key);
         let sql = if known {
-            "WITH taken AS ( \
+            concat!(
+                "WITH taken AS ( \
                  UPDATE journaled.key_sequences SET seq = seq + $3 \
                  WHERE stream = $1 AND partition_key = $2 \
-                 RETURNING seq - $3 AS base) \
-             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
-             SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
-             FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
-             RETURNING id, sequence_bases"
+                 RETURNING seq - $3 AS base) ",
+                one_job_from_taken!()
+            )
         } else {
-            "WITH taken AS ( \
+            concat!(
+                "WITH taken AS ( \
                  INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
                  VALUES ($1, $2, $3) \
                  ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
-                 RETURNING seq - $3 AS base) \
-             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
-             SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
-             FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
-             RETURNING id, sequence_bases"
+                 RETURNING seq - $3 AS base) ",
+                one_job_from_taken!()
+            )
         };
         rows = sqlx::query_as(sql)
             .bind(stream)
