@@ -63,6 +63,26 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The jobs' priorities, set due times, delays (seconds) and event counts, as the arrays a
+/// multi-row INSERT unnests.
+type JobColumns = (
+    Vec<i32>,
+    Vec<Option<OffsetDateTime>>,
+    Vec<Option<f64>>,
+    Vec<i32>,
+);
+
+fn job_columns(jobs: &[NewJob]) -> JobColumns {
+    (
+        jobs.iter().map(|j| j.priority).collect(),
+        jobs.iter().map(|j| j.run_at).collect(),
+        jobs.iter()
+            .map(|j| j.delay.map(|d| d.as_secs_f64()))
+            .collect(),
+        jobs.iter().map(|j| j.event_count).collect(),
+    )
+}
+
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
 async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
     // Due times are the database's: `now()` plus the delay, never the application's clock.
@@ -85,13 +105,7 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
         return Ok(vec![JobId(id)]);
     }
     // Every row in one statement, however many a large transaction needs.
-    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
-    let run_ats: Vec<Option<OffsetDateTime>> = jobs.iter().map(|j| j.run_at).collect();
-    let delays: Vec<Option<f64>> = jobs
-        .iter()
-        .map(|j| j.delay.map(|d| d.as_secs_f64()))
-        .collect();
-    let counts: Vec<i32> = jobs.iter().map(|j| j.event_count).collect();
+    let (priorities, run_ats, delays, counts) = job_columns(jobs);
     let bytes: Vec<i32> = jobs.iter().map(|j| j.bytes).collect();
     let records: Vec<&str> = jobs.iter().map(|j| j.records.as_str()).collect();
     let ids: Vec<i64> = sqlx::query_scalar(
@@ -219,13 +233,7 @@ async fn insert_jobs_taking_sequences(
         let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
         let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
-        let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
-        let run_ats: Vec<Option<OffsetDateTime>> = jobs.iter().map(|j| j.run_at).collect();
-        let delays: Vec<Option<f64>> = jobs
-            .iter()
-            .map(|j| j.delay.map(|d| d.as_secs_f64()))
-            .collect();
-        let event_counts: Vec<i32> = jobs.iter().map(|j| j.event_count).collect();
+        let (priorities, run_ats, delays, event_counts) = job_columns(jobs);
         let bytes: Vec<i32> = records.iter().map(|r| r.len() as i32).collect();
         // Each job's own keys, flattened: (job, key), both 1-based.
         let (own_jobs, own_keys): (Vec<i32>, Vec<i64>) = job_keys
