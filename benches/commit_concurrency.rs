@@ -197,6 +197,8 @@ fn cpu_time() -> Duration {
 struct Measured {
     tps: f64,
     cpu_us_per_tx: f64,
+    /// Transactions done (the 3 of the warm-up not counted).
+    transactions: u64,
 }
 
 /// C tasks, each on its own connection, for `secs`.
@@ -245,6 +247,7 @@ async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measur
     drop(journaled);
     pool.close().await;
     Measured {
+        transactions: n as u64,
         tps: n / elapsed,
         cpu_us_per_tx: cpu * 1e6 / n.max(1.0),
     }
@@ -414,7 +417,9 @@ async fn child(spec: &str, url: &str) {
     let connections: usize = parts.next().unwrap().parse().unwrap();
     let secs: f64 = parts.next().unwrap().parse().unwrap();
     let m = measure(mode, connections, secs, url).await;
-    println!("{} {}", m.tps, m.cpu_us_per_tx);
+    // tx/s, client CPU µs per transaction, transactions (for an instruction count per
+    // transaction under callgrind: see BENCHMARKS.md).
+    println!("{} {} {}", m.tps, m.cpu_us_per_tx, m.transactions);
 }
 
 /// 4 processes x 16 connections of one mode, at once; total tx/s and mean CPU µs per tx.
@@ -434,16 +439,19 @@ fn processes(mode: Mode, secs: f64) -> Measured {
         .collect();
     let mut tps = 0.0;
     let mut cpu = 0.0;
+    let mut transactions = 0;
     for c in children {
         let out = c.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         let mut f = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
         tps += f.next().unwrap();
         cpu += f.next().unwrap() / 4.0;
+        transactions += f.next().unwrap() as u64;
     }
     Measured {
         tps,
         cpu_us_per_tx: cpu,
+        transactions,
     }
 }
 

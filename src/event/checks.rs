@@ -43,23 +43,42 @@ impl ser::Error for Found {
     }
 }
 
+/// What a walk that found nothing wrong saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Walked {
+    /// An `f32` somewhere: `serde_json::to_value` widens it (0.1 becomes
+    /// 0.10000000149011612) where the written text reads back as the shortest decimal.
+    pub(crate) f32: bool,
+}
+
 /// Walks `value` as serde_json would write it; `Ok` when every number is finite and the
 /// nesting stays within [`MAX_NESTING_DEPTH`].
-pub(crate) fn check<T: Serialize + ?Sized>(value: &T) -> Result<(), Found> {
+pub(crate) fn check<T: Serialize + ?Sized>(value: &T) -> Result<Walked, Found> {
     let mut walker = Walker {
         depth: 0,
         path: Vec::new(),
         indexes: Vec::new(),
         key: None,
+        f32: false,
     };
-    value.serialize(&mut walker)
+    value.serialize(&mut walker)?;
+    Ok(Walked { f32: walker.f32 })
+}
+
+/// One step of the path to where the walk is: names are only written out for an error's
+/// pointer, so a field costs no allocation.
+enum Step {
+    Name(&'static str),
+    Index(usize),
+    Key(String),
 }
 
 struct Walker {
     depth: usize,
-    path: Vec<String>,
+    path: Vec<Step>,
     indexes: Vec<usize>,
     key: Option<String>,
+    f32: bool,
 }
 
 impl Walker {
@@ -69,7 +88,14 @@ impl Walker {
         }
         self.path
             .iter()
-            .map(|p| format!("/{}", p.replace('~', "~0").replace('/', "~1")))
+            .map(|step| {
+                let name = match step {
+                    Step::Name(name) => (*name).to_owned(),
+                    Step::Index(index) => index.to_string(),
+                    Step::Key(key) => key.clone(),
+                };
+                format!("/{}", name.replace('~', "~0").replace('/', "~1"))
+            })
             .collect()
     }
 
@@ -95,8 +121,8 @@ impl Walker {
         }
     }
 
-    fn within<T: Serialize + ?Sized>(&mut self, name: String, value: &T) -> Result<(), Found> {
-        self.path.push(name);
+    fn within<T: Serialize + ?Sized>(&mut self, step: Step, value: &T) -> Result<(), Found> {
+        self.path.push(step);
         let result = value.serialize(&mut *self);
         self.path.pop();
         result
@@ -107,7 +133,7 @@ impl Walker {
             *i += 1;
             *i - 1
         });
-        self.within(index.to_string(), value)
+        self.within(Step::Index(index), value)
     }
 }
 
@@ -156,6 +182,7 @@ impl ser::Serializer for &mut Walker {
         Ok(())
     }
     fn serialize_f32(self, v: f32) -> Result<(), Found> {
+        self.f32 = true;
         self.float(v.is_finite())
     }
     fn serialize_f64(self, v: f64) -> Result<(), Found> {
@@ -209,7 +236,7 @@ impl ser::Serializer for &mut Walker {
     ) -> Result<(), Found> {
         // `{"Variant": value}`
         self.enter(1)?;
-        let result = self.within(variant.to_owned(), value);
+        let result = self.within(Step::Name(variant), value);
         self.leave(1);
         result
     }
@@ -233,7 +260,7 @@ impl ser::Serializer for &mut Walker {
         _len: usize,
     ) -> Result<Self, Found> {
         // `{"Variant": [...]}`
-        self.path.push(variant.to_owned());
+        self.path.push(Step::Name(variant));
         self.enter(2)?;
         Ok(self)
     }
@@ -253,7 +280,7 @@ impl ser::Serializer for &mut Walker {
         _len: usize,
     ) -> Result<Self, Found> {
         // `{"Variant": {...}}`
-        self.path.push(variant.to_owned());
+        self.path.push(Step::Name(variant));
         self.enter(2)?;
         Ok(self)
     }
@@ -317,7 +344,7 @@ impl ser::SerializeMap for &mut Walker {
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Found> {
         let key = self.key.take().unwrap_or_else(|| "?".to_owned());
-        self.within(key, value)
+        self.within(Step::Key(key), value)
     }
     fn end(self) -> Result<(), Found> {
         self.leave(1);
@@ -333,7 +360,7 @@ impl ser::SerializeStruct for &mut Walker {
         key: &'static str,
         value: &T,
     ) -> Result<(), Found> {
-        self.within(key.to_owned(), value)
+        self.within(Step::Name(key), value)
     }
     fn end(self) -> Result<(), Found> {
         self.leave(1);
@@ -349,7 +376,7 @@ impl ser::SerializeStructVariant for &mut Walker {
         key: &'static str,
         value: &T,
     ) -> Result<(), Found> {
-        self.within(key.to_owned(), value)
+        self.within(Step::Name(key), value)
     }
     fn end(self) -> Result<(), Found> {
         self.leave(2);

@@ -34,36 +34,58 @@ impl StoredRecord {
 
 /// Encodes records into the `records` column format from (id, stream, partition key, data,
 /// sequence).
+///
+/// Every commit pays this once per record, so it writes into one buffer sized up front, with
+/// no allocation per record.
 pub(crate) fn encode_parts<'a>(
     parts: impl IntoIterator<Item = (EventId, &'a str, &'a str, &'a str, Option<i64>)>,
 ) -> String {
-    let mut out = Vec::with_capacity(256);
-    out.push(b'[');
+    let parts: Vec<_> = parts.into_iter().collect();
+    let capacity = 2 + parts
+        .iter()
+        .map(|(_, stream, key, data, _)| 112 + stream.len() + key.len() + data.len())
+        .sum::<usize>();
+    let mut out = String::with_capacity(capacity);
+    out.push('[');
     for (i, (id, stream, partition_key, data, sequence)) in parts.into_iter().enumerate() {
         if i > 0 {
-            out.push(b',');
+            out.push(',');
         }
-        out.extend_from_slice(b"{\"id\":\"");
-        out.extend_from_slice(id.to_string().as_bytes());
-        out.extend_from_slice(b"\",\"stream\":");
-        serde_json::to_writer(&mut out, stream).expect("writing to a Vec cannot fail");
-        out.extend_from_slice(b",\"partition_key\":");
-        serde_json::to_writer(&mut out, partition_key).expect("writing to a Vec cannot fail");
+        out.push_str("{\"id\":\"");
+        out.push_str(
+            id.0.hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        );
+        out.push_str("\",\"stream\":");
+        push_json_string(&mut out, stream);
+        out.push_str(",\"partition_key\":");
+        push_json_string(&mut out, partition_key);
         match sequence {
-            Some(PENDING_SEQUENCE) => {
-                out.extend_from_slice(crate::event::SEQUENCE_MARK.as_bytes());
-            }
+            Some(PENDING_SEQUENCE) => out.push_str(crate::event::SEQUENCE_MARK),
             Some(sequence) => {
-                out.extend_from_slice(format!(",\"sequence\":{sequence}").as_bytes());
+                out.push_str(",\"sequence\":");
+                super::push_decimal(&mut out, sequence);
             }
             None => {}
         }
-        out.extend_from_slice(b",\"data\":");
-        out.extend_from_slice(data.as_bytes());
-        out.push(b'}');
+        out.push_str(",\"data\":");
+        out.push_str(data);
+        out.push('}');
     }
-    out.push(b']');
-    String::from_utf8(out).expect("JSON written from strings is UTF-8")
+    out.push(']');
+    out
+}
+
+/// Appends `text` as a JSON string: as it is when nothing in it needs escaping (the usual
+/// stream name or key), else as serde_json escapes it.
+fn push_json_string(out: &mut String, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+    }
 }
 
 /// A sequence not taken yet: written as the placeholder (sequences start at 1).
@@ -184,6 +206,31 @@ pub(crate) fn group_with_members(staged: &[Prepared]) -> (Vec<NewJob>, Vec<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_encode_as_serde_json_would_write_them() {
+        let id = EventId::new();
+        let data = r#"{"id":"x","note":"caf\u00e9 \"quoted\""}"#;
+        for (stream, key) in [
+            ("s", "plain"),
+            ("s", "with \"quotes\" and \\ and \u{1}"),
+            ("s", "caf\u{e9} \u{1F600} \u{7f}"),
+        ] {
+            for sequence in [None, Some(42), Some(-7)] {
+                let text = encode_parts([(id, stream, key, data, sequence)]);
+                let records = decode_records(&text).unwrap();
+                assert_eq!(records.len(), 1);
+                assert_eq!(records[0].partition_key, key);
+                assert_eq!(records[0].stream, stream);
+                assert_eq!(records[0].sequence, sequence);
+                assert_eq!(records[0].data.get(), data);
+                assert_eq!(records[0].id, id);
+            }
+        }
+        assert_eq!(encode_parts(std::iter::empty()), "[]");
+        let two = encode_parts([(id, "s", "a", "{}", None), (id, "s", "b", "{}", Some(1))]);
+        assert_eq!(decode_records(&two).unwrap().len(), 2);
+    }
 
     #[test]
     fn an_unfilled_sequence_placeholder_is_named_when_records_do_not_decode() {
