@@ -440,7 +440,11 @@ fn check_partition_key(event_type: &str, key: &str) -> Result<(), JournalError> 
         "it is empty".to_owned()
     } else {
         // Kinesis counts UTF-16 code units: a character outside the Basic Multilingual Plane
-        // (emoji, CJK Extension B) is two.
+        // (emoji, CJK Extension B) is two. A character is never more units than UTF-8 bytes,
+        // so a short key needs no counting.
+        if key.len() <= MAX_PARTITION_KEY_CHARS {
+            return Ok(());
+        }
         let units = key.encode_utf16().count();
         if units <= MAX_PARTITION_KEY_CHARS {
             return Ok(());
@@ -528,6 +532,9 @@ mod tests {
 
     #[test]
     fn partition_key_limits_count_utf16_units_as_kinesis_does() {
+        assert!(check_partition_key("e", &"k".repeat(256)).is_ok());
+        let err = check_partition_key("e", &"k".repeat(257)).unwrap_err();
+        assert!(err.to_string().contains("257 UTF-16 code units"), "{err}");
         assert!(check_partition_key("e", &"é".repeat(256)).is_ok());
         let err = check_partition_key("e", &"é".repeat(257)).unwrap_err();
         assert!(err.to_string().contains("257 characters"), "{err}");
