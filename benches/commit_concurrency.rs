@@ -254,12 +254,17 @@ async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measur
 }
 
 fn config() -> Config {
-    Config::default()
+    let config = Config::default()
         .with_stream_name("bench")
         .with_schema_roots([concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/journaled_schemas"
-        )])
+        )]);
+    // The coalescing window of mode L's NOTIFY, as the library reads it from the environment.
+    match std::env::var("JOURNALED_NOTIFY_INTERVAL_MS") {
+        Ok(ms) => config.with_notify_interval(Duration::from_millis(ms.parse().unwrap())),
+        Err(_) => config,
+    }
 }
 
 async fn quiesce(admin: &PgPool) {

@@ -1039,3 +1039,43 @@ async fn schemas_can_be_compiled_ahead_of_time() {
     assert!(err.contains("broken_event.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Workers in other processes hear of a commit by one coalesced `NOTIFY`, sent after it on a
+/// connection of its own; with `with_notify(false)` nothing is sent and they poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_announced_to_other_processes_after_the_commit() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    db.migrated().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url())
+        .await
+        .unwrap();
+    listener
+        .listen(journaled::store::postgres::NOTIFY_CHANNEL)
+        .await
+        .unwrap();
+    let within = std::time::Duration::from_secs(10);
+
+    let quiet = db.journaled(test_config().with_notify(false));
+    let mut tx = quiet.begin().await.unwrap();
+    journal!(tx, test_event("unannounced")).unwrap();
+    tx.commit().await.unwrap();
+    // Nothing to wait for here but the absence of a notification: the announcer would send
+    // one 5 ms after the commit, so 300 ms of silence says there is none.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv())
+            .await
+            .is_err(),
+        "with_notify(false) sends no NOTIFY"
+    );
+
+    let journaled = db.journaled(test_config());
+    let mut tx = journaled.begin().await.unwrap();
+    journal!(tx, test_event("announced")).unwrap();
+    tx.commit().await.unwrap();
+    let heard = tokio::time::timeout(within, listener.recv())
+        .await
+        .expect("a NOTIFY within 10 s of the commit")
+        .unwrap();
+    assert_eq!(heard.channel(), journaled::store::postgres::NOTIFY_CHANNEL);
+    assert_eq!(names(&journaled).await, ["unannounced", "announced"]);
+}

@@ -337,9 +337,14 @@ async fn set_context(conn: &mut PgConnection, actor: &str, tags: &str) -> Result
 
 /// One `NOTIFY`, in its own short transaction on a pooled connection: never inside an
 /// application's transaction.
+///
+/// That transaction commits without waiting for its WAL flush (`synchronous_commit` off for
+/// it alone): a `NOTIFY` takes an xid, so its commit would otherwise be one more flush for the
+/// writers' server to wait on, and a notification lost in a crash costs nothing (workers
+/// poll). Listeners hear it at the commit, before the flush.
 fn announce(pool: &PgPool) -> Option<BoxFuture<'_, Result<(), Error>>> {
     Some(Box::pin(async move {
-        sqlx::query("SELECT pg_notify($1, '')")
+        sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')")
             .bind(NOTIFY_CHANNEL)
             .execute(pool)
             .await?;
