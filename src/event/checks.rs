@@ -49,7 +49,20 @@ pub(crate) struct Walked {
     /// An `f32` somewhere: `serde_json::to_value` widens it (0.1 becomes
     /// 0.10000000149011612) where the written text reads back as the shortest decimal.
     pub(crate) f32: bool,
+    /// A `serde_json::value::RawValue` somewhere: `to_value` parses it on its own, so only
+    /// parsing the whole text applies serde_json's nesting limit to it with what surrounds it.
+    pub(crate) raw: bool,
 }
+
+impl Walked {
+    /// Whether `serde_json::to_value` gives exactly the value the written text parses to.
+    pub(crate) fn value_is_exact(self) -> bool {
+        !self.f32 && !self.raw
+    }
+}
+
+/// The struct name serde_json gives a `RawValue` when serializing it.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
 /// Walks `value` as serde_json would write it; `Ok` when every number is finite and the
 /// nesting stays within [`MAX_NESTING_DEPTH`].
@@ -60,9 +73,13 @@ pub(crate) fn check<T: Serialize + ?Sized>(value: &T) -> Result<Walked, Found> {
         indexes: Vec::new(),
         key: None,
         f32: false,
+        raw: false,
     };
     value.serialize(&mut walker)?;
-    Ok(Walked { f32: walker.f32 })
+    Ok(Walked {
+        f32: walker.f32,
+        raw: walker.raw,
+    })
 }
 
 /// One step of the path to where the walk is: names are only written out for an error's
@@ -79,6 +96,7 @@ struct Walker {
     indexes: Vec<usize>,
     key: Option<String>,
     f32: bool,
+    raw: bool,
 }
 
 impl Walker {
@@ -268,7 +286,8 @@ impl ser::Serializer for &mut Walker {
         self.enter(1)?;
         Ok(self)
     }
-    fn serialize_struct(self, _name: &'static str, _len: usize) -> Result<Self, Found> {
+    fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Self, Found> {
+        self.raw |= name == RAW_VALUE_TOKEN;
         self.enter(1)?;
         Ok(self)
     }

@@ -60,6 +60,12 @@ pub enum RunAt {
 ///
 /// The published record is a JSON object: the envelope (`id`, `event_type`, `created_at`, and
 /// `tags` when [`Event::TAGGED`]) followed by the attributes.
+///
+/// `journal!` serializes an event more than once (a check for unrepresentable numbers and
+/// nesting, the published text, the value the schemas validate), so its `Serialize` must give
+/// the same output each time, as derived ones do: a field that changes between calls (a
+/// counter, the clock, a lock another thread writes to) could be published differently from
+/// what was validated. Take such values into a plain field before journaling.
 pub trait Event: Serialize {
     /// The event type; also the name of its schema file, `<event_type>.json`.
     const EVENT_TYPE: &'static str;
@@ -107,7 +113,8 @@ pub(crate) struct Prepared {
     pub event_type: &'static str,
     pub stream: String,
     pub partition_key: String,
-    /// The exact JSON bytes that were validated and will be published.
+    /// The exact JSON bytes that will be published: the value the schemas validated is this
+    /// text as parsed, or the same event serialized straight into a value (see [`Event`]).
     pub data: String,
     pub priority: i32,
     /// Resolved when the job is written, so that events with the same delay share a job.
@@ -258,9 +265,11 @@ pub(crate) fn prepare<E: Event>(
     // bytes, so key order holds by construction (no global `preserve_order`).
     let attributes_json = serde_json::to_string(event).map_err(|e| serialization(e.to_string()))?;
     // What the schemas see: the event as a value, built straight from it (a third of the cost
-    // of parsing the text back), unless it holds an `f32`, which only the text keeps as written.
+    // of parsing the text back; `Event` asks `Serialize` to give the same output each call),
+    // unless it holds an `f32`, which only the text keeps as written, or a raw JSON value,
+    // whose nesting only parsing the whole text bounds.
     let direct = walked
-        .filter(|walked| !walked.f32)
+        .filter(|walked| walked.value_is_exact())
         .and_then(|_| serde_json::to_value(event).ok());
     let value = match direct {
         Some(value) => value,
@@ -621,6 +630,46 @@ mod tests {
     }
     impl Event for Labelled {
         const EVENT_TYPE: &'static str = "labelled";
+    }
+
+    #[derive(Serialize)]
+    struct Carrying {
+        raw: Box<serde_json::value::RawValue>,
+    }
+    impl Event for Carrying {
+        const EVENT_TYPE: &'static str = "carrying";
+    }
+
+    /// A raw JSON attribute counts toward serde_json's nesting limit with the levels around
+    /// it, as when the whole text is parsed: an event whose record a consumer could not parse
+    /// is refused, not published.
+    #[test]
+    fn raw_json_attributes_are_bounded_with_what_surrounds_them() {
+        let dir = std::env::temp_dir().join(format!("journaled-raw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("carrying.json"), "{}").unwrap();
+        let schemas = SchemaRegistry::new(vec![dir.clone()]);
+        let config = Config::default().with_stream_name("s");
+        let mut refused_only_together = false;
+        for levels in [1, 100, 126, 127, 128] {
+            let raw = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+            let alone = serde_json::from_str::<Value>(&raw).is_ok();
+            let together = serde_json::from_str::<Value>(&format!("{{\"raw\":{raw}}}")).is_ok();
+            let event = Carrying {
+                raw: serde_json::value::RawValue::from_string(raw).unwrap(),
+            };
+            let prepared = prepare(&event, &config, &schemas);
+            assert_eq!(prepared.is_ok(), together, "{levels} levels: {prepared:?}");
+            if let Ok(prepared) = prepared {
+                serde_json::from_str::<Value>(&prepared.data).expect("the record parses");
+            }
+            refused_only_together |= alone && !together;
+        }
+        assert!(
+            refused_only_together,
+            "some depth parses alone but not inside the event"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The schemas see the value the published text reads back as: built straight from an
