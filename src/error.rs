@@ -283,8 +283,11 @@ pub enum Error {
         /// What holds them back.
         reason: String,
     },
-    /// `journaled retry --key` / `skip --key` named a key that is not parked.
-    #[error("{stream}/{partition_key} is not parked (see `journaled status`)")]
+    /// `journaled retry --key` / `skip --key` named a key that is not parked (and, for
+    /// `skip`, has no record waiting behind a missing sequence).
+    #[error(
+        "{stream}/{partition_key} is not parked, and none of its records waits for a missing sequence (see `journaled status`)"
+    )]
     NotParked {
         /// The stream.
         stream: String,
@@ -303,6 +306,21 @@ pub enum Error {
         partition_key: String,
         /// The refused event.
         event_id: String,
+    },
+    /// `journaled skip --key` on a key that is not parked: the sequence its records wait for
+    /// is in a live job, so it will be delivered (or park the key); nothing is skipped.
+    #[error(
+        "{stream}/{partition_key} is not parked and its next sequence {sequence} is in live job {job}: it will be delivered, or park the key if refused; nothing to skip"
+    )]
+    SequenceLive {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+        /// The sequence the key's later records wait for.
+        sequence: i64,
+        /// The job holding it.
+        job: i64,
     },
     /// The database returned an error.
     #[error("database: {0}")]

@@ -943,4 +943,47 @@ async fn parked_keys_are_listed_retried_and_skipped() {
             .unwrap()
             .is_empty()
     );
+
+    // A key that waits for a sequence whose job was deleted: `skip --key` moves it past it,
+    // then refuses while the next sequence is in a live job.
+    #[derive(serde::Serialize, journaled::Event)]
+    #[journaled(event_type = "free_event", ordered)]
+    struct InOrder {
+        #[journaled(partition_key)]
+        account: String,
+    }
+    let journaled = db.journaled(common::test_config());
+    for _ in 0..2 {
+        let mut tx = journaled.begin().await.unwrap();
+        journaled::journal!(
+            tx,
+            InOrder {
+                account: "c".into()
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    sqlx::query("DELETE FROM journaled_jobs WHERE id = (SELECT min(id) FROM journaled_jobs)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = run(&["skip", "--key", "test_stream/c"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("resumes after missing record 1") && text.contains("in no job"),
+        "{text}"
+    );
+    let out = run(&["skip", "--key", "test_stream/c"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("its next sequence 2 is in live job") && err.trim().lines().count() == 1,
+        "{err}"
+    );
 }

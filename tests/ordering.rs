@@ -644,7 +644,80 @@ async fn a_large_ordered_transaction_spans_jobs_in_order<DB: Backend + AppSql>(d
     }
 }
 
+/// A key whose next sequence is lost with its job (deleted by hand, or dead) waits without
+/// being parked; `skip --key` moves it past each missing sequence, refuses while a live job
+/// holds the next one, and the key's later records then flow in order.
+async fn a_missing_sequence_can_be_skipped<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    use journaled::store::ordering::skip_key;
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    db.migrated().await;
+    let journaled = db.journaled(test_config());
+    for blob in ["one", "two", "three", "four"] {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(
+            tx,
+            OrderedBlob {
+                account: "a".into(),
+                blob: blob.into()
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    // Sequence 1 is in a live job: it will be delivered, there is nothing to skip.
+    let err = skip_key(&db.pool, "test_stream", "a").await.unwrap_err();
+    assert!(
+        matches!(err, Error::SequenceLive { sequence: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("is in live job"), "{err}");
+
+    // Sequence 1's job is deleted, sequence 2's is dead.
+    let mut conn = db.pool.acquire().await.unwrap();
+    DB::exec(&mut conn, DB::DELETE_OLDEST_JOB).await;
+    DB::exec(&mut conn, DB::KILL_OLDEST_JOB).await;
+    drop(conn);
+    let skipped = skip_key(&db.pool, "test_stream", "a").await.unwrap();
+    assert_eq!(skipped.sequence, 1);
+    assert!(skipped.reason.contains("in no job"), "{}", skipped.reason);
+    let skipped = skip_key(&db.pool, "test_stream", "a").await.unwrap();
+    assert_eq!(skipped.sequence, 2);
+    assert!(skipped.reason.contains("dead job"), "{}", skipped.reason);
+    assert!(!skipped.event_id.is_empty());
+    let err = skip_key(&db.pool, "test_stream", "a").await.unwrap_err();
+    assert!(
+        matches!(err, Error::SequenceLive { sequence: 3, .. }),
+        "{err}"
+    );
+
+    let (stop, handle) = spawn_worker(&db.pool, &emulator.endpoint()).await;
+    wait_until(60, "a's records behind the gap are delivered", || async {
+        let seen = first_appearances(&emulator, "test_stream").await;
+        seen.get("a").map_or(0, Vec::len) == 2
+    })
+    .await;
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    assert_eq!(
+        first_appearances(&emulator, "test_stream").await["a"],
+        [3, 4]
+    );
+    // Nothing waits any more: skipping now would drop a sequence not yet committed.
+    let err = skip_key(&db.pool, "test_stream", "a").await.unwrap_err();
+    assert!(matches!(err, Error::NotParked { .. }), "{err}");
+    let err = skip_key(&db.pool, "test_stream", "never-used")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotParked { .. }), "{err}");
+    // The dead job stays dead-lettered.
+    let jobs = journaled.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].dead_at.is_some());
+}
+
 on_both_backends!(
+    a_missing_sequence_can_be_skipped,
     a_large_ordered_transaction_spans_jobs_in_order,
     sequences_are_gap_free_and_follow_journal_order,
     an_ordered_stream_orders_every_event_type,

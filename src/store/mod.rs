@@ -61,6 +61,13 @@ macro_rules! impl_backend {
             {
                 Box::pin(unpark(pool, stream, partition_key, skip))
             }
+            fn jobs_mentioning<'a>(
+                pool: &'a $pool,
+                text: &'a str,
+            ) -> $crate::store::BoxFuture<'a, Result<Vec<$crate::store::Mentioning>, $crate::Error>>
+            {
+                Box::pin(jobs_mentioning(pool, text))
+            }
             fn migrate(pool: &$pool) -> $crate::store::BoxFuture<'_, Result<(), $crate::Error>> {
                 Box::pin(migrate(pool))
             }
@@ -214,6 +221,17 @@ pub(crate) fn db_error(error: sqlx::Error) -> Error {
 
 /// A boxed, sendable future, as the backends return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A job whose records mention some text (see [`Backend::jobs_mentioning`]).
+#[derive(Debug, Clone)]
+pub struct Mentioning {
+    /// The job.
+    pub id: JobId,
+    /// Its records, sequences filled.
+    pub records: String,
+    /// Whether it is dead.
+    pub dead: bool,
+}
 
 /// The id of a job row.
 #[derive(
@@ -509,6 +527,14 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         partition_key: &'a str,
         skip: bool,
     ) -> BoxFuture<'a, Result<Option<ParkedKey>, Error>>;
+
+    /// Every job whose records text holds `text`, dead or not, oldest first, with its records
+    /// as a worker would read them (sequences filled). A scan of the whole job table: for an
+    /// operator's command (`journaled skip --key`), never for a hot path.
+    fn jobs_mentioning<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Mentioning>, Error>>;
 
     /// Creates or updates journaled's tables; running it again is a no-op.
     fn migrate(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<(), Error>>;

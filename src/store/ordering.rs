@@ -74,12 +74,115 @@ pub async fn retry_key<DB: Backend>(
 
 /// Unparks a key past its refused record, which stays dead-lettered in its dead job: the key's
 /// later records flow. Returns what the key was parked on.
+///
+/// A key that is not parked but whose records wait for a sequence no live job holds (its job
+/// was deleted, or is dead because it could not be read) is moved past that sequence, so that
+/// the records waiting behind it flow; the returned `reason` says where the sequence was.
+/// Refused with [`Error::SequenceLive`] while a live job holds it, and with
+/// [`Error::NotParked`] when no record of the key waits behind it. This reads every job that
+/// mentions the key: an operator's command, not a hot path.
 pub async fn skip_key<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     stream: &str,
     partition_key: &str,
 ) -> Result<ParkedKey, Error> {
-    unpark(pool, stream, partition_key, true).await
+    match DB::unpark(pool, stream, partition_key, true).await? {
+        Some(parked) => Ok(parked),
+        None => skip_missing(pool, stream, partition_key).await,
+    }
+}
+
+/// Moves a key that is not parked past a next sequence that no live job holds.
+async fn skip_missing<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    stream: &str,
+    partition_key: &str,
+) -> Result<ParkedKey, Error> {
+    let not_parked = || Error::NotParked {
+        stream: stream.to_owned(),
+        partition_key: partition_key.to_owned(),
+    };
+    let key = [(stream.to_owned(), partition_key.to_owned())];
+    let (delivered, parked) = DB::key_positions(pool, &key)
+        .await?
+        .first()
+        .copied()
+        .unwrap_or((0, false));
+    if parked {
+        return Err(not_parked()); // parked meanwhile: `skip --key` again skips its record
+    }
+    let next = delivered + 1;
+    // Every record of the key in a job, as `"stream":S,"partition_key":K` is written.
+    let needle = format!(
+        "\"stream\":{},\"partition_key\":{}",
+        serde_json::to_string(stream).expect("a string serializes"),
+        serde_json::to_string(partition_key).expect("a string serializes")
+    );
+    let mut waiting = false;
+    let mut dead_holder = None;
+    for job in DB::jobs_mentioning(pool, &needle).await? {
+        let Ok(records) = super::decode_records(&job.records) else {
+            if !job.dead {
+                // A worker has not settled it yet: it may hold the sequence.
+                return Err(Error::SequenceLive {
+                    stream: stream.to_owned(),
+                    partition_key: partition_key.to_owned(),
+                    sequence: next,
+                    job: job.id.0,
+                });
+            }
+            continue;
+        };
+        for record in records
+            .iter()
+            .filter(|r| r.stream == stream && r.partition_key == partition_key)
+        {
+            match record.sequence {
+                Some(sequence) if sequence == next && !job.dead => {
+                    return Err(Error::SequenceLive {
+                        stream: stream.to_owned(),
+                        partition_key: partition_key.to_owned(),
+                        sequence,
+                        job: job.id.0,
+                    });
+                }
+                Some(sequence) if sequence == next => {
+                    dead_holder = Some((job.id, record.id.to_string()));
+                }
+                Some(sequence) if sequence > next && !job.dead => waiting = true,
+                _ => {}
+            }
+        }
+    }
+    if !waiting {
+        // Nothing waits behind it: skipping would drop a sequence still to be committed.
+        return Err(not_parked());
+    }
+    // From `delivered` to `next` only: if a worker moved the key meanwhile, nothing changes.
+    let moved =
+        DB::advance_keys(pool, &[(stream.to_owned(), partition_key.to_owned(), next)]).await?;
+    if moved == 0 {
+        return Err(not_parked());
+    }
+    let (event_id, reason) = match dead_holder {
+        Some((job, event)) => (
+            event,
+            format!("sequence {next} was in dead job {job}, which stays dead-lettered"),
+        ),
+        None => (
+            String::new(),
+            format!("sequence {next} was in no job (its job was deleted)"),
+        ),
+    };
+    tracing::warn!(stream, partition_key, sequence = next, %reason, "skipped a missing sequence");
+    Ok(ParkedKey {
+        stream: stream.to_owned(),
+        partition_key: partition_key.to_owned(),
+        sequence: next,
+        event_id,
+        reason,
+        parked_at: None,
+    })
 }
 
 async fn unpark<DB: Backend>(

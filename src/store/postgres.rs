@@ -892,6 +892,25 @@ async fn unpark(
     Ok(Some(parked))
 }
 
+async fn jobs_mentioning(pool: &PgPool, text: &str) -> Result<Vec<super::Mentioning>, Error> {
+    let rows: Vec<(i64, String, Option<Vec<i64>>, bool)> = sqlx::query_as(
+        "SELECT id, records, sequence_bases, dead_at IS NOT NULL FROM journaled.jobs \
+         WHERE strpos(records, $1) > 0 ORDER BY id",
+    )
+    .bind(text)
+    .fetch_all(pool)
+    .await
+    .map_err(db_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, records, bases, dead)| super::Mentioning {
+            id: JobId(id),
+            records: super::with_sequences(records, bases),
+            dead,
+        })
+        .collect())
+}
+
 impl_backend!(Postgres, PgConnection, PgPool);
 
 #[cfg(test)]

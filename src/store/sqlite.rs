@@ -700,4 +700,23 @@ async fn insert_jobs_taking_sequences(
     Ok((insert_jobs(conn, &filled).await?, bases))
 }
 
+async fn jobs_mentioning(pool: &SqlitePool, text: &str) -> Result<Vec<super::Mentioning>, Error> {
+    let rows: Vec<(i64, String, bool)> = sqlx::query_as(
+        "SELECT id, records, dead_at IS NOT NULL FROM journaled_jobs \
+         WHERE instr(records, ?) > 0 ORDER BY id",
+    )
+    .bind(text)
+    .fetch_all(pool)
+    .await
+    .map_err(db_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, records, dead)| super::Mentioning {
+            id: JobId(id),
+            records,
+            dead,
+        })
+        .collect())
+}
+
 impl_backend!(Sqlite, SqliteConnection, SqlitePool);

@@ -220,6 +220,10 @@ pub trait AppSql: Backend {
     const AGE_RECEIPTS: &'static str;
     /// Moves every job's commit (`created_at`) an hour into the past.
     const BACKDATE_AN_HOUR: &'static str;
+    /// Deletes the oldest job, as an operator might by hand.
+    const DELETE_OLDEST_JOB: &'static str;
+    /// Marks the oldest job dead.
+    const KILL_OLDEST_JOB: &'static str;
     /// Runs a `SELECT COUNT(*) ...` on the pool.
     fn count<'c>(pool: &'c sqlx::Pool<Self>, sql: &'static str) -> BoxFuture<'c, i64>;
 }
@@ -227,11 +231,13 @@ pub trait AppSql: Backend {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 macro_rules! app_sql {
-    ($db:ty, $pool:ty, $corrupt:expr, $age:expr, $backdate:expr) => {
+    ($db:ty, $pool:ty, $corrupt:expr, $age:expr, $backdate:expr, $delete:expr, $kill:expr) => {
         impl AppSql for $db {
             const CORRUPT_JOB: &'static str = $corrupt;
             const AGE_RECEIPTS: &'static str = $age;
             const BACKDATE_AN_HOUR: &'static str = $backdate;
+            const DELETE_OLDEST_JOB: &'static str = $delete;
+            const KILL_OLDEST_JOB: &'static str = $kill;
             fn try_exec<'c>(
                 conn: &'c mut Self::Connection,
                 sql: &'static str,
@@ -250,7 +256,10 @@ app_sql!(
     "INSERT INTO journaled.jobs (event_count, records) VALUES (1, '[{\"id\": not json')",
     "UPDATE journaled.receipts SET delivered_at = now() - interval '2 days' \
      WHERE event_id <= '00000000-0000-0000-0000-000000000004'",
-    "UPDATE journaled.jobs SET created_at = created_at - interval '1 hour'"
+    "UPDATE journaled.jobs SET created_at = created_at - interval '1 hour'",
+    "DELETE FROM journaled.jobs WHERE id = (SELECT min(id) FROM journaled.jobs)",
+    "UPDATE journaled.jobs SET dead_at = now(), ready = false, last_error = 'killed by the test' \
+     WHERE id = (SELECT min(id) FROM journaled.jobs)"
 );
 app_sql!(
     Sqlite,
@@ -258,7 +267,10 @@ app_sql!(
     "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) VALUES (0, 0, 1, '[{\"id\": not json')",
     "UPDATE journaled_receipts SET delivered_at = delivered_at - 172800000 \
      WHERE event_id <= '00000000-0000-0000-0000-000000000004'",
-    "UPDATE journaled_jobs SET created_at = created_at - 3600000"
+    "UPDATE journaled_jobs SET created_at = created_at - 3600000",
+    "DELETE FROM journaled_jobs WHERE id = (SELECT min(id) FROM journaled_jobs)",
+    "UPDATE journaled_jobs SET dead_at = created_at, ready = 0, last_error = 'killed by the test' \
+     WHERE id = (SELECT min(id) FROM journaled_jobs)"
 );
 
 #[cfg(feature = "worker")]

@@ -58,9 +58,10 @@ pub enum Command {
         key: Option<String>,
     },
     /// Dead-letter a parked ordered key's refused record (it stays in its dead job) and let
-    /// the key's later records flow.
+    /// the key's later records flow. A key that is not parked but whose records wait for a
+    /// sequence no live job holds (its job deleted, or dead unreadable) moves past it.
     Skip {
-        /// The parked key (see `journaled status`).
+        /// The parked or waiting key (see `journaled status`).
         #[arg(long, value_name = "STREAM/KEY")]
         key: String,
     },

@@ -144,10 +144,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
             let (stream, partition_key) = journaled::store::ordering::parse_key(&key)?;
             let pool = DbPool::connect(&cli.database_url, false).await?;
             let parked = on_pool!(&pool, pool => journaled::store::ordering::skip_key(pool, &stream, &partition_key).await?);
-            println!(
-                "journaled: {stream}/{partition_key} resumes after record {}; event {} stays dead-lettered",
-                parked.sequence, parked.event_id
-            );
+            if parked.parked_at.is_some() {
+                println!(
+                    "journaled: {stream}/{partition_key} resumes after record {}; event {} stays dead-lettered",
+                    parked.sequence, parked.event_id
+                );
+            } else {
+                // It was not parked: its records waited for a sequence no live job holds.
+                println!(
+                    "journaled: {stream}/{partition_key} resumes after missing record {}: {}",
+                    parked.sequence, parked.reason
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry {
