@@ -322,6 +322,30 @@ pub enum Error {
         /// The job holding it.
         job: i64,
     },
+    /// `journaled skip --key`: the key was delivered to or parked while it was being skipped;
+    /// nothing changed.
+    #[error(
+        "{stream}/{partition_key} moved while it was being skipped (a worker delivered or parked it); nothing changed: see `journaled status` and run it again"
+    )]
+    KeyMoved {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+    },
+    /// `journaled skip --key`: a live job that mentions the key cannot be read, so whether it
+    /// holds the missing sequence is unknown until a worker marks it dead.
+    #[error(
+        "{stream}/{partition_key}: live job {job} mentions the key but cannot be read; once a worker has marked it dead (`journaled status`), run it again"
+    )]
+    UnsettledJob {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+        /// The unreadable live job.
+        job: i64,
+    },
     /// The database returned an error.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

@@ -503,8 +503,9 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         keys: &'a [(String, String)],
     ) -> BoxFuture<'a, Result<Vec<(i64, bool)>, Error>>;
 
-    /// Advances each (stream, key)'s delivered sequence from s-1 to s, in one statement;
-    /// returns how many moved.
+    /// Advances each (stream, key)'s delivered sequence from s-1 to s, in one statement, unless
+    /// the key is parked (its position then stays where the parking put it); returns how many
+    /// moved.
     fn advance_keys<'a>(
         pool: &'a sqlx::Pool<Self>,
         acked: &'a [(String, String, i64)],

@@ -78,8 +78,10 @@ pub async fn retry_key<DB: Backend>(
 /// A key that is not parked but whose records wait for a sequence no live job holds (its job
 /// was deleted, or is dead because it could not be read) is moved past that sequence, so that
 /// the records waiting behind it flow; the returned `reason` says where the sequence was.
-/// Refused with [`Error::SequenceLive`] while a live job holds it, and with
-/// [`Error::NotParked`] when no record of the key waits behind it. This reads every job that
+/// Refused with [`Error::SequenceLive`] while a live job holds it, [`Error::UnsettledJob`]
+/// while a live job that mentions the key cannot be read, [`Error::NotParked`] when no record
+/// of the key waits behind it, and [`Error::KeyMoved`] when a worker moved or parked the key
+/// meanwhile. This reads every job that
 /// mentions the key: an operator's command, not a hot path.
 pub async fn skip_key<DB: Backend>(
     pool: &sqlx::Pool<DB>,
@@ -108,8 +110,12 @@ async fn skip_missing<DB: Backend>(
         .first()
         .copied()
         .unwrap_or((0, false));
+    let moved_meanwhile = || Error::KeyMoved {
+        stream: stream.to_owned(),
+        partition_key: partition_key.to_owned(),
+    };
     if parked {
-        return Err(not_parked()); // parked meanwhile: `skip --key` again skips its record
+        return Err(moved_meanwhile()); // parked since: `skip --key` again skips its record
     }
     let next = delivered + 1;
     // Every record of the key in a job, as `"stream":S,"partition_key":K` is written.
@@ -120,17 +126,18 @@ async fn skip_missing<DB: Backend>(
     );
     let mut waiting = false;
     let mut dead_holder = None;
+    let mut unreadable = Vec::new();
     for job in DB::jobs_mentioning(pool, &needle).await? {
         let Ok(records) = super::decode_records(&job.records) else {
             if !job.dead {
                 // A worker has not settled it yet: it may hold the sequence.
-                return Err(Error::SequenceLive {
+                return Err(Error::UnsettledJob {
                     stream: stream.to_owned(),
                     partition_key: partition_key.to_owned(),
-                    sequence: next,
                     job: job.id.0,
                 });
             }
+            unreadable.push(job.id.to_string());
             continue;
         };
         for record in records
@@ -162,12 +169,21 @@ async fn skip_missing<DB: Backend>(
     let moved =
         DB::advance_keys(pool, &[(stream.to_owned(), partition_key.to_owned(), next)]).await?;
     if moved == 0 {
-        return Err(not_parked());
+        return Err(moved_meanwhile());
     }
     let (event_id, reason) = match dead_holder {
         Some((job, event)) => (
             event,
-            format!("sequence {next} was in dead job {job}, which stays dead-lettered"),
+            format!(
+                "sequence {next} was in dead job {job}: it stays there, and is not sent if that job is retried (the key is past it)"
+            ),
+        ),
+        None if !unreadable.is_empty() => (
+            String::new(),
+            format!(
+                "sequence {next} was in no readable job: in dead unreadable job(s) {}, or deleted",
+                unreadable.join(", ")
+            ),
         ),
         None => (
             String::new(),

@@ -804,7 +804,7 @@ async fn advance_keys(pool: &PgPool, acked: &[(String, String, i64)]) -> Result<
          WHERE q = 1 OR EXISTS (SELECT 1 FROM journaled.key_delivery x WHERE x.stream = t.s AND x.partition_key = t.p) \
          ORDER BY o \
          ON CONFLICT (stream, partition_key) DO UPDATE SET delivered = EXCLUDED.delivered \
-         WHERE d.delivered = EXCLUDED.delivered - 1",
+         WHERE d.delivered = EXCLUDED.delivered - 1 AND d.parked_seq IS NULL",
     )
     .bind(&streams)
     .bind(&partition_keys)

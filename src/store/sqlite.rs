@@ -582,7 +582,7 @@ async fn advance_keys(pool: &SqlitePool, acked: &[(String, String, i64)]) -> Res
              WHERE column3 = 1 OR EXISTS (SELECT 1 FROM journaled_key_delivery x \
                                           WHERE x.stream = t.column1 AND x.partition_key = t.column2) \
              ON CONFLICT (stream, partition_key) DO UPDATE SET delivered = excluded.delivered \
-             WHERE delivered = excluded.delivered - 1"
+             WHERE delivered = excluded.delivered - 1 AND parked_seq IS NULL"
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (stream, key, seq) in chunk {

@@ -224,6 +224,10 @@ pub trait AppSql: Backend {
     const DELETE_OLDEST_JOB: &'static str;
     /// Marks the oldest job dead.
     const KILL_OLDEST_JOB: &'static str;
+    /// Inserts a live job that mentions key `a` of `test_stream` but cannot be decoded.
+    const UNREADABLE_JOB_OF_A: &'static str;
+    /// Marks the newest job dead.
+    const KILL_NEWEST_JOB: &'static str;
     /// Runs a `SELECT COUNT(*) ...` on the pool.
     fn count<'c>(pool: &'c sqlx::Pool<Self>, sql: &'static str) -> BoxFuture<'c, i64>;
 }
@@ -231,13 +235,16 @@ pub trait AppSql: Backend {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 macro_rules! app_sql {
-    ($db:ty, $pool:ty, $corrupt:expr, $age:expr, $backdate:expr, $delete:expr, $kill:expr) => {
+    ($db:ty, $pool:ty, $corrupt:expr, $age:expr, $backdate:expr, $delete:expr, $kill:expr,
+     $unreadable_a:expr, $kill_newest:expr) => {
         impl AppSql for $db {
             const CORRUPT_JOB: &'static str = $corrupt;
             const AGE_RECEIPTS: &'static str = $age;
             const BACKDATE_AN_HOUR: &'static str = $backdate;
             const DELETE_OLDEST_JOB: &'static str = $delete;
             const KILL_OLDEST_JOB: &'static str = $kill;
+            const UNREADABLE_JOB_OF_A: &'static str = $unreadable_a;
+            const KILL_NEWEST_JOB: &'static str = $kill_newest;
             fn try_exec<'c>(
                 conn: &'c mut Self::Connection,
                 sql: &'static str,
@@ -259,7 +266,11 @@ app_sql!(
     "UPDATE journaled.jobs SET created_at = created_at - interval '1 hour'",
     "DELETE FROM journaled.jobs WHERE id = (SELECT min(id) FROM journaled.jobs)",
     "UPDATE journaled.jobs SET dead_at = now(), ready = false, last_error = 'killed by the test' \
-     WHERE id = (SELECT min(id) FROM journaled.jobs)"
+     WHERE id = (SELECT min(id) FROM journaled.jobs)",
+    "INSERT INTO journaled.jobs (event_count, records) \
+     VALUES (1, '[{\"stream\":\"test_stream\",\"partition_key\":\"a\", not json')",
+    "UPDATE journaled.jobs SET dead_at = now(), ready = false, last_error = 'killed by the test' \
+     WHERE id = (SELECT max(id) FROM journaled.jobs)"
 );
 app_sql!(
     Sqlite,
@@ -270,7 +281,11 @@ app_sql!(
     "UPDATE journaled_jobs SET created_at = created_at - 3600000",
     "DELETE FROM journaled_jobs WHERE id = (SELECT min(id) FROM journaled_jobs)",
     "UPDATE journaled_jobs SET dead_at = created_at, ready = 0, last_error = 'killed by the test' \
-     WHERE id = (SELECT min(id) FROM journaled_jobs)"
+     WHERE id = (SELECT min(id) FROM journaled_jobs)",
+    "INSERT INTO journaled_jobs (run_at, created_at, event_count, records) \
+     VALUES (0, 0, 1, '[{\"stream\":\"test_stream\",\"partition_key\":\"a\", not json')",
+    "UPDATE journaled_jobs SET dead_at = created_at, ready = 0, last_error = 'killed by the test' \
+     WHERE id = (SELECT max(id) FROM journaled_jobs)"
 );
 
 #[cfg(feature = "worker")]
