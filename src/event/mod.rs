@@ -580,16 +580,22 @@ mod tests {
         const EVENT_TYPE: &'static str = "";
     }
 
+    /// A schema registry over a fresh directory holding `files` (name, text), and the directory.
+    fn schemas_in(name: &str, files: &[(&str, &str)]) -> (SchemaRegistry, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("journaled-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        (SchemaRegistry::new(vec![dir.clone()]), dir)
+    }
+
     /// The fast path skips `base_event` and `tagged_event` because journaled's envelope holds
     /// them by construction: this checks the construction against the built-in schemas, so a
     /// change to either side is caught here.
     #[test]
     fn generated_envelopes_satisfy_the_built_in_schemas() {
-        let dir = std::env::temp_dir().join(format!("journaled-envelope-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("plain.json"), "{}").unwrap();
-        std::fs::write(dir.join("tagged.json"), "{}").unwrap();
-        let schemas = SchemaRegistry::new(vec![dir.clone()]);
+        let (schemas, dir) = schemas_in("envelope", &[("plain.json", "{}"), ("tagged.json", "{}")]);
         let config = Config::default().with_stream_name("s");
         for (data, tagged) in [
             (
@@ -645,10 +651,7 @@ mod tests {
     /// is refused, not published.
     #[test]
     fn raw_json_attributes_are_bounded_with_what_surrounds_them() {
-        let dir = std::env::temp_dir().join(format!("journaled-raw-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("carrying.json"), "{}").unwrap();
-        let schemas = SchemaRegistry::new(vec![dir.clone()]);
+        let (schemas, dir) = schemas_in("raw", &[("carrying.json", "{}")]);
         let config = Config::default().with_stream_name("s");
         let mut refused_only_together = false;
         for levels in [1, 100, 126, 127, 128] {
@@ -677,21 +680,21 @@ mod tests {
     /// be seen as 0.10000000149011612 and break `maximum: 0.1`).
     #[test]
     fn schemas_see_what_is_published() {
-        let dir = std::env::temp_dir().join(format!("journaled-f32-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("measured.json"),
-            r#"{"properties": {"single": {"maximum": 0.1},
+        let (schemas, dir) = schemas_in(
+            "f32",
+            &[
+                (
+                    "measured.json",
+                    r#"{"properties": {"single": {"maximum": 0.1},
                 "nested": {"items": {"additionalProperties": {"maximum": 0.3}}}}}"#,
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("labelled.json"),
-            r#"{"properties": {"label": {"const": "a\"b"}, "count": {"maximum": 18446744073709551615},
+                ),
+                (
+                    "labelled.json",
+                    r#"{"properties": {"label": {"const": "a\"b"}, "count": {"maximum": 18446744073709551615},
                 "ratio": {"maximum": 0.1}}, "required": ["label", "count", "ratio"]}"#,
-        )
-        .unwrap();
-        let schemas = SchemaRegistry::new(vec![dir.clone()]);
+                ),
+            ],
+        );
         let config = Config::default().with_stream_name("s");
         let measured = Measured {
             single: 0.1,

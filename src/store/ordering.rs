@@ -81,8 +81,8 @@ pub async fn retry_key<DB: Backend>(
 /// Refused with [`Error::SequenceLive`] while a live job holds it, [`Error::UnsettledJob`]
 /// while a live job that mentions the key cannot be read, [`Error::NotParked`] when no record
 /// of the key waits behind it, and [`Error::KeyMoved`] when a worker moved or parked the key
-/// meanwhile. This reads every job that
-/// mentions the key: an operator's command, not a hot path.
+/// meanwhile. This reads every job that mentions the key: an operator's command, not a hot
+/// path.
 pub async fn skip_key<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     stream: &str,
@@ -118,12 +118,7 @@ async fn skip_missing<DB: Backend>(
         return Err(moved_meanwhile()); // parked since: `skip --key` again skips its record
     }
     let next = delivered + 1;
-    // Every record of the key in a job, as `"stream":S,"partition_key":K` is written.
-    let needle = format!(
-        "\"stream\":{},\"partition_key\":{}",
-        serde_json::to_string(stream).expect("a string serializes"),
-        serde_json::to_string(partition_key).expect("a string serializes")
-    );
+    let needle = super::records::key_needle(stream, partition_key);
     let mut waiting = false;
     let mut dead_holder = None;
     let mut unreadable = Vec::new();

@@ -76,6 +76,16 @@ pub(crate) fn encode_parts<'a>(
     out
 }
 
+/// The text every record of (stream, partition key) holds in the `records` column, as
+/// [`encode_parts`] writes it: for finding a key's jobs by a text search.
+pub(crate) fn key_needle(stream: &str, partition_key: &str) -> String {
+    let mut out = String::from("\"stream\":");
+    push_json_string(&mut out, stream);
+    out.push_str(",\"partition_key\":");
+    push_json_string(&mut out, partition_key);
+    out
+}
+
 /// Appends `text` as a JSON string: as it is when nothing in it needs escaping (the usual
 /// stream name or key), else as serde_json escapes it.
 fn push_json_string(out: &mut String, text: &str) {
@@ -227,6 +237,10 @@ mod tests {
                 assert_eq!(records[0].id, id);
             }
         }
+        assert!(
+            encode_parts([(id, "s", "k \"q\"", "{}", Some(3))])
+                .contains(&key_needle("s", "k \"q\""))
+        );
         assert_eq!(encode_parts(std::iter::empty()), "[]");
         let two = encode_parts([(id, "s", "a", "{}", None), (id, "s", "b", "{}", Some(1))]);
         assert_eq!(decode_records(&two).unwrap().len(), 2);
