@@ -307,6 +307,19 @@ pub enum Error {
         /// The refused event.
         event_id: String,
     },
+    /// `journaled retry --key` on a key parked on a sequence that no job holds (its job was
+    /// deleted): there is nothing to send again.
+    #[error(
+        "{stream}/{partition_key} is parked on sequence {sequence}, which no job holds (its job was deleted): there is nothing to send again; `journaled skip --key` moves the key past it"
+    )]
+    RecordGone {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+        /// The missing sequence.
+        sequence: i64,
+    },
     /// `journaled skip --key` on a key that is not parked: the sequence its records wait for
     /// is in a live job, so it will be delivered (or park the key); nothing is skipped.
     #[error(

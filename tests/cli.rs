@@ -825,9 +825,10 @@ mod worker_binary {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_worker_settings_exit_with_one_clear_line() {
         let db = TestDb::<sqlx::Postgres>::new().await;
-        let cases: [(&str, &str, &str); 4] = [
+        let cases: [(&str, &str, &str); 5] = [
             ("JOURNALED_WORKER_BATCH_SIZE", "lots", "batch-size"),
             ("JOURNALED_WORKER_LEASE_SECS", "-3", "lease-secs"),
+            ("JOURNALED_WORKER_GAP_CHECK_SECS", "-1", "gap-check-secs"),
             (
                 "JOURNALED_WORKER_LEASE_SECS",
                 "0.001",

@@ -273,8 +273,20 @@ async fn spawn_worker<DB: Backend>(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), Error>>,
 ) {
+    spawn_worker_with(pool, endpoint, worker_config()).await
+}
+
+/// [`spawn_worker`] with these settings.
+async fn spawn_worker_with<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    endpoint: &str,
+    config: WorkerConfig,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), Error>>,
+) {
     let sink = KinesisSink::new(kinesis_config(endpoint).client().await);
-    let worker = Worker::new(pool.clone(), sink, worker_config()).unwrap();
+    let worker = Worker::new(pool.clone(), sink, config).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(worker.run(async move {
         let _ = rx.await;
@@ -743,8 +755,92 @@ async fn a_missing_sequence_can_be_skipped<DB: Backend + AppSql>(db: &TestDb<DB>
     assert!(jobs.iter().all(|j| j.dead_at.is_some()));
 }
 
+/// A key whose next sequence is lost — its job deleted (`c`) or dead (`a`) — is found by the
+/// worker once its later records have waited `gap_check_after` on it, and parked with the
+/// reason, so `status` shows it; `retry --key` sends a dead record again (and refuses, naming
+/// `skip --key`, when no job holds it), `skip --key` moves past a deleted one. Key `b` flows
+/// throughout, and every key's records then arrive in order.
+async fn a_lost_sequence_parks_its_key<DB: Backend + AppSql>(db: &TestDb<DB>) {
+    use journaled::store::ordering::{retry_key, skip_key};
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    let journaled = db.migrated().await;
+    for (key, n) in [("c", 1), ("a", 1), ("a", 2), ("a", 3), ("c", 2), ("b", 1)] {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(
+            tx,
+            Ordered {
+                account: key.into(),
+                n
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    DB::exec(&mut conn, DB::DELETE_OLDEST_JOB).await; // c's 1
+    DB::exec(&mut conn, DB::KILL_OLDEST_JOB).await; // a's 1
+    drop(conn);
+
+    let (stop, handle) = spawn_worker_with(
+        &db.pool,
+        &emulator.endpoint(),
+        worker_config().with_gap_check_after(Duration::from_millis(300)),
+    )
+    .await;
+    let pool = db.pool.clone();
+    wait_until(60, "a and c are parked on their lost sequences", || {
+        let pool = pool.clone();
+        async move { parked_or_none(&pool).await.len() == 2 }
+    })
+    .await;
+    let parked = parked_or_none(&db.pool).await;
+    let of = |key: &str| parked.iter().find(|p| p.partition_key == key).unwrap();
+    assert_eq!(of("a").sequence, 1);
+    assert!(of("a").reason.contains("is in dead job"), "{:?}", of("a"));
+    assert!(of("a").reason.contains("retry --key"), "{:?}", of("a"));
+    assert!(!of("a").event_id.is_empty());
+    assert_eq!(of("c").sequence, 1);
+    assert!(
+        of("c")
+            .reason
+            .contains("is in no job (its job was deleted)"),
+        "{:?}",
+        of("c")
+    );
+    assert!(of("c").event_id.is_empty());
+    wait_until(60, "b is delivered meanwhile", || async {
+        first_appearances(&emulator, "test_stream")
+            .await
+            .contains_key("b")
+    })
+    .await;
+
+    let err = retry_key(&db.pool, "test_stream", "c").await.unwrap_err();
+    assert!(
+        matches!(err, Error::RecordGone { sequence: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("skip --key"), "{err}");
+    retry_key(&db.pool, "test_stream", "a").await.unwrap();
+    skip_key(&db.pool, "test_stream", "c").await.unwrap();
+    wait_until(60, "every key's records are delivered", || async {
+        let seen = first_appearances(&emulator, "test_stream").await;
+        seen.get("a").map_or(0, Vec::len) == 3 && seen.get("c").map_or(0, Vec::len) == 1
+    })
+    .await;
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let seen = first_appearances(&emulator, "test_stream").await;
+    assert_eq!(seen["a"], [1, 2, 3]);
+    assert_eq!(seen["b"], [1]);
+    assert_eq!(seen["c"], [2]);
+    assert!(parked_or_none(&db.pool).await.is_empty());
+}
+
 on_both_backends!(
     a_missing_sequence_can_be_skipped,
+    a_lost_sequence_parks_its_key,
     a_large_ordered_transaction_spans_jobs_in_order,
     sequences_are_gap_free_and_follow_journal_order,
     an_ordered_stream_orders_every_event_type,

@@ -55,6 +55,12 @@ pub struct WorkerConfig {
     /// How long delivery receipts (event → shard, sequence number) are kept (default 7 days);
     /// zero keeps none. `journaled trace` reads them.
     pub receipts_retention: Duration,
+    /// How long an ordered key's next record may wait behind a sequence that does not move
+    /// before the worker looks for that sequence (default 300 s; zero never looks). When no
+    /// live job holds it (its job was deleted, or is dead), the key is parked with the reason,
+    /// as for a refused record. A look scans the jobs that mention the key, so a worker makes
+    /// at most one every tenth of this delay.
+    pub gap_check_after: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -75,6 +81,7 @@ impl Default for WorkerConfig {
             drain: false,
             metrics_addr: None,
             receipts_retention: Duration::from_secs(7 * 24 * 3600),
+            gap_check_after: Duration::from_secs(300),
         }
     }
 }
@@ -164,6 +171,13 @@ impl WorkerConfig {
         self
     }
 
+    /// Sets how long an ordered key waits behind a sequence before the worker looks for it;
+    /// zero never looks (see the field).
+    pub fn with_gap_check_after(mut self, value: Duration) -> Self {
+        self.gap_check_after = value;
+        self
+    }
+
     /// Sets where metrics are served (see the field).
     pub fn with_metrics_addr(mut self, value: Option<std::net::SocketAddr>) -> Self {
         self.metrics_addr = value;
@@ -215,6 +229,7 @@ impl WorkerConfig {
             ("configuration backoff", self.configuration_backoff),
             ("shutdown timeout", self.shutdown_timeout),
             ("poll interval", self.poll_interval),
+            ("gap check delay", self.gap_check_after),
         ] {
             if value > MAX_SETTING {
                 return Err(Error::Config(format!("the {name} must be at most 7 days")));

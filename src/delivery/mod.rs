@@ -3,6 +3,7 @@
 
 mod alarm;
 mod config;
+mod gaps;
 mod keyed;
 pub mod metrics;
 mod ordered;
@@ -89,6 +90,9 @@ struct Shared<DB: Backend> {
     metrics: Arc<metrics::Metrics>,
     in_flight: Mutex<HashSet<String>>,
     alarm: alarm::Alarm,
+    /// Ordered keys waiting behind a sequence, and whether one is being checked.
+    gaps: Mutex<gaps::Gaps>,
+    gap_check: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<DB: Backend> Worker<DB> {
@@ -153,6 +157,8 @@ impl<DB: Backend> Worker<DB> {
             stats,
             metrics,
             in_flight: Mutex::new(HashSet::new()),
+            gaps: Mutex::default(),
+            gap_check: Arc::default(),
         });
         let config = &shared.config;
         let wake = Arc::new(Notify::new());
@@ -384,10 +390,18 @@ async fn deliver<DB: Backend>(
         };
         // Ordered records go in rounds beside the rest (see `ordered`).
         let ordered = ordered::deliver::<DB>(&shared.pool, sink, metrics, jobs, config, deadline);
-        let ((), ordered) = async { tokio::join!(unordered, ordered) }
+        let ((), (ordered, waiting)) = async { tokio::join!(unordered, ordered) }
             .instrument(span)
             .await;
         results.push(ordered);
+        let check = shared.gaps.lock().expect("poisoned").note(
+            waiting,
+            tokio::time::Instant::now(),
+            config.gap_check_after,
+        );
+        if let Some(key) = check {
+            gaps::check(&shared.pool, &shared.gap_check, key);
+        }
     }
     let mut jobs = jobs;
     for ((j, r), outcome) in results.into_iter().flatten() {

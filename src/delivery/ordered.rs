@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::WorkerConfig;
+use super::gaps::Waiting;
 use super::metrics::Metrics;
 use super::publish::{self, JobState, Slot};
 use super::sink::{Ack, ErrorClass, Failure, RecordOutcome, Sink};
@@ -66,7 +67,8 @@ const QUIET: Duration = Duration::from_millis(100);
 static ADVANCED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0).0);
 
 /// Delivers the ordered records of `jobs` (those with a sequence); returns an outcome for
-/// each of them.
+/// each of them, and the keys left waiting behind a sequence after their delivered one (see
+/// `gaps`).
 ///
 /// Rounds: each sends the next record of every key that may go, then records the keys'
 /// progress. A key whose next record waits for a predecessor held elsewhere is looked at
@@ -80,7 +82,7 @@ pub(crate) async fn deliver<DB: Backend>(
     jobs: &[JobState],
     config: &WorkerConfig,
     deadline: tokio::time::Instant,
-) -> Vec<(Slot, RecordOutcome)> {
+) -> (Vec<(Slot, RecordOutcome)>, Vec<Waiting>) {
     let mut by_key: BTreeMap<(&str, &str), Vec<(i64, Slot)>> = BTreeMap::new();
     for (j, job) in jobs.iter().enumerate() {
         let Ok(records) = &job.records else { continue };
@@ -95,7 +97,7 @@ pub(crate) async fn deliver<DB: Backend>(
     }
     let mut out = Vec::new();
     if by_key.is_empty() {
-        return out;
+        return (out, Vec::new());
     }
     let keys: Vec<(String, String)> = by_key
         .keys()
@@ -113,6 +115,8 @@ pub(crate) async fn deliver<DB: Backend>(
     let mut active: Vec<usize> = Vec::new();
     // Keys whose position is to be read.
     let mut look: Vec<usize> = (0..keys.len()).collect();
+    // Each key's delivered sequence when last read (`None` while parked or not read).
+    let mut delivered_at: Vec<Option<i64>> = vec![None; keys.len()];
     let mut advanced = ADVANCED.subscribe();
     let mut idle_since: Option<tokio::time::Instant> = None;
     let mut last_advance = tokio::time::Instant::now();
@@ -132,6 +136,7 @@ pub(crate) async fn deliver<DB: Backend>(
             };
             for (k, (delivered, is_parked)) in std::mem::take(&mut look).into_iter().zip(positions)
             {
+                delivered_at[k] = (!is_parked).then_some(delivered);
                 let queue = &mut pending[k];
                 while let Some(&(_, slot)) = queue.front().filter(|(seq, _)| *seq <= delivered) {
                     // Acknowledged before (a lease lost after the send): delivered.
@@ -187,11 +192,22 @@ pub(crate) async fn deliver<DB: Backend>(
             look = waiting_keys(&pending, &active);
         }
     }
+    // Keys whose next record waits behind a sequence after the delivered one: its
+    // predecessor is elsewhere, or lost.
+    let gaps = pending
+        .iter()
+        .zip(&delivered_at)
+        .zip(&keys)
+        .filter_map(|((queue, delivered), (stream, key))| {
+            let (delivered, &(next, _)) = ((*delivered)?, queue.front()?);
+            (next > delivered + 1).then(|| (stream.clone(), key.clone(), delivered))
+        })
+        .collect();
     // Whatever could not go this time waits for the next.
     for queue in &mut pending {
         out.extend(queue.drain(..).map(|(_, slot)| (slot, Err(waiting()))));
     }
-    out
+    (out, gaps)
 }
 
 /// Keys with records pending that may not go yet.
@@ -294,7 +310,7 @@ async fn round<DB: Backend>(
                     parked_at: None,
                 };
                 match DB::park_key(pool, &parked_key).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         tracing::error!(stream, key, seq, error = %failure, "ordered key parked: its record is refused for good");
                         out.extend(
                             pending[k]

@@ -43,7 +43,7 @@ macro_rules! impl_backend {
             fn park_key<'a>(
                 pool: &'a $pool,
                 key: &'a $crate::store::ParkedKey,
-            ) -> $crate::store::BoxFuture<'a, Result<(), $crate::Error>> {
+            ) -> $crate::store::BoxFuture<'a, Result<bool, $crate::Error>> {
                 Box::pin(park_key(pool, key))
             }
             fn parked_keys(
@@ -511,11 +511,13 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         acked: &'a [(String, String, i64)],
     ) -> BoxFuture<'a, Result<u64, Error>>;
 
-    /// Parks a key on a record refused for good; a parked key keeps its first reason.
+    /// Parks a key on its record `key.sequence` (refused for good, or missing), if the key is
+    /// not parked and its last delivered sequence is the one before; returns whether it
+    /// parked. A parked key keeps its first reason.
     fn park_key<'a>(
         pool: &'a sqlx::Pool<Self>,
         key: &'a ParkedKey,
-    ) -> BoxFuture<'a, Result<(), Error>>;
+    ) -> BoxFuture<'a, Result<bool, Error>>;
 
     /// Parked keys, oldest first.
     fn parked_keys(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, Result<Vec<ParkedKey>, Error>>;
@@ -531,7 +533,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 
     /// Every job whose records text holds `text`, dead or not, oldest first, with its records
     /// as a worker would read them (sequences filled). A scan of the whole job table: for an
-    /// operator's command (`journaled skip --key`), never for a hot path.
+    /// operator's command (`journaled skip --key`) and the worker's rare look for a key's lost
+    /// sequence (paced by `WorkerConfig::gap_check_after`), never for a hot path.
     fn jobs_mentioning<'a>(
         pool: &'a sqlx::Pool<Self>,
         text: &'a str,

@@ -58,6 +58,14 @@ pub async fn retry_key<DB: Backend>(
             stream: stream.to_owned(),
             partition_key: partition_key.to_owned(),
         })?;
+    if parked.event_id.is_empty() {
+        // Parked on a sequence no job holds (see `park_if_missing`): nothing to send again.
+        return Err(Error::RecordGone {
+            stream: stream.to_owned(),
+            partition_key: partition_key.to_owned(),
+            sequence: parked.sequence,
+        });
+    }
     let revived = match dead_job_of(pool, &parked).await? {
         Some(job) => DB::retry(pool, Some(job)).await? == 1,
         None => false,
@@ -94,43 +102,72 @@ pub async fn skip_key<DB: Backend>(
     }
 }
 
-/// Moves a key that is not parked past a next sequence that no live job holds.
-async fn skip_missing<DB: Backend>(
+/// Where the sequence a key's waiting records need stands, as one scan of the jobs that
+/// mention the key finds it.
+enum Next {
+    /// A live job holds it: it will be delivered (or park the key if refused).
+    Live { sequence: i64, job: JobId },
+    /// A live job that mentions the key cannot be read: it may hold it.
+    Unsettled { job: JobId },
+    /// No record of the key waits behind it.
+    NothingWaits,
+    /// No live job holds it, and later records of the key wait: it is lost (deleted, or in a
+    /// dead job), the key stuck behind it.
+    Missing {
+        sequence: i64,
+        /// The dead job holding it, and its event.
+        dead: Option<(JobId, String)>,
+        /// Dead jobs that mention the key but cannot be read.
+        unreadable: Vec<String>,
+    },
+}
+
+impl Next {
+    /// Why a key is held back by a missing sequence, and the event (empty when no job holds
+    /// it).
+    fn missing_reason(
+        sequence: i64,
+        dead: &Option<(JobId, String)>,
+        unreadable: &[String],
+    ) -> (String, String) {
+        match dead {
+            Some((job, event)) => (
+                event.clone(),
+                format!("sequence {sequence} is in dead job {job}"),
+            ),
+            None if !unreadable.is_empty() => (
+                String::new(),
+                format!(
+                    "sequence {sequence} is in no readable job: in dead unreadable job(s) {}, or deleted",
+                    unreadable.join(", ")
+                ),
+            ),
+            None => (
+                String::new(),
+                format!("sequence {sequence} is in no job (its job was deleted)"),
+            ),
+        }
+    }
+}
+
+/// Reads every job that mentions (stream, key) — a scan of the job table — to find the
+/// sequence after `delivered`.
+async fn locate_next<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     stream: &str,
     partition_key: &str,
-) -> Result<ParkedKey, Error> {
-    let not_parked = || Error::NotParked {
-        stream: stream.to_owned(),
-        partition_key: partition_key.to_owned(),
-    };
-    let key = [(stream.to_owned(), partition_key.to_owned())];
-    let (delivered, parked) = DB::key_positions(pool, &key)
-        .await?
-        .first()
-        .copied()
-        .unwrap_or((0, false));
-    let moved_meanwhile = || Error::KeyMoved {
-        stream: stream.to_owned(),
-        partition_key: partition_key.to_owned(),
-    };
-    if parked {
-        return Err(moved_meanwhile()); // parked since: `skip --key` again skips its record
-    }
+    delivered: i64,
+) -> Result<Next, Error> {
     let next = delivered + 1;
     let needle = super::records::key_needle(stream, partition_key);
     let mut waiting = false;
-    let mut dead_holder = None;
+    let mut dead = None;
     let mut unreadable = Vec::new();
     for job in DB::jobs_mentioning(pool, &needle).await? {
         let Ok(records) = super::decode_records(&job.records) else {
             if !job.dead {
                 // A worker has not settled it yet: it may hold the sequence.
-                return Err(Error::UnsettledJob {
-                    stream: stream.to_owned(),
-                    partition_key: partition_key.to_owned(),
-                    job: job.id.0,
-                });
+                return Ok(Next::Unsettled { job: job.id });
             }
             unreadable.push(job.id.to_string());
             continue;
@@ -141,49 +178,100 @@ async fn skip_missing<DB: Backend>(
         {
             match record.sequence {
                 Some(sequence) if sequence == next && !job.dead => {
-                    return Err(Error::SequenceLive {
-                        stream: stream.to_owned(),
-                        partition_key: partition_key.to_owned(),
+                    return Ok(Next::Live {
                         sequence,
-                        job: job.id.0,
+                        job: job.id,
                     });
                 }
                 Some(sequence) if sequence == next => {
-                    dead_holder = Some((job.id, record.id.to_string()));
+                    dead = Some((job.id, record.id.to_string()));
                 }
                 Some(sequence) if sequence > next && !job.dead => waiting = true,
                 _ => {}
             }
         }
     }
-    if !waiting {
-        // Nothing waits behind it: skipping would drop a sequence still to be committed.
-        return Err(not_parked());
+    Ok(if waiting {
+        Next::Missing {
+            sequence: next,
+            dead,
+            unreadable,
+        }
+    } else {
+        Next::NothingWaits
+    })
+}
+
+/// Where (stream, key) stands: its delivered sequence, and whether it is parked.
+async fn position<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    stream: &str,
+    partition_key: &str,
+) -> Result<(i64, bool), Error> {
+    let key = [(stream.to_owned(), partition_key.to_owned())];
+    Ok(DB::key_positions(pool, &key)
+        .await?
+        .first()
+        .copied()
+        .unwrap_or((0, false)))
+}
+
+/// Moves a key that is not parked past a next sequence that no live job holds.
+async fn skip_missing<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    stream: &str,
+    partition_key: &str,
+) -> Result<ParkedKey, Error> {
+    let (delivered, parked) = position(pool, stream, partition_key).await?;
+    let moved_meanwhile = || Error::KeyMoved {
+        stream: stream.to_owned(),
+        partition_key: partition_key.to_owned(),
+    };
+    if parked {
+        return Err(moved_meanwhile()); // parked since: `skip --key` again skips its record
     }
+    let (next, dead, unreadable) = match locate_next(pool, stream, partition_key, delivered).await?
+    {
+        Next::Live { sequence, job } => {
+            return Err(Error::SequenceLive {
+                stream: stream.to_owned(),
+                partition_key: partition_key.to_owned(),
+                sequence,
+                job: job.0,
+            });
+        }
+        Next::Unsettled { job } => {
+            return Err(Error::UnsettledJob {
+                stream: stream.to_owned(),
+                partition_key: partition_key.to_owned(),
+                job: job.0,
+            });
+        }
+        // Nothing waits behind it: skipping would drop a sequence still to be committed.
+        Next::NothingWaits => {
+            return Err(Error::NotParked {
+                stream: stream.to_owned(),
+                partition_key: partition_key.to_owned(),
+            });
+        }
+        Next::Missing {
+            sequence,
+            dead,
+            unreadable,
+        } => (sequence, dead, unreadable),
+    };
     // From `delivered` to `next` only: if a worker moved the key meanwhile, nothing changes.
     let moved =
         DB::advance_keys(pool, &[(stream.to_owned(), partition_key.to_owned(), next)]).await?;
     if moved == 0 {
         return Err(moved_meanwhile());
     }
-    let (event_id, reason) = match dead_holder {
-        Some((job, event)) => (
-            event,
-            format!(
-                "sequence {next} was in dead job {job}: it stays there, and is not sent if that job is retried (the key is past it)"
-            ),
+    let (event_id, mut reason) = Next::missing_reason(next, &dead, &unreadable);
+    reason = match dead {
+        Some(_) => format!(
+            "{reason}: it stays there, and is not sent if that job is retried (the key is past it)"
         ),
-        None if !unreadable.is_empty() => (
-            String::new(),
-            format!(
-                "sequence {next} was in no readable job: in dead unreadable job(s) {}, or deleted",
-                unreadable.join(", ")
-            ),
-        ),
-        None => (
-            String::new(),
-            format!("sequence {next} was in no job (its job was deleted)"),
-        ),
+        None => reason,
     };
     tracing::warn!(stream, partition_key, sequence = next, %reason, "skipped a missing sequence");
     Ok(ParkedKey {
@@ -194,6 +282,54 @@ async fn skip_missing<DB: Backend>(
         reason,
         parked_at: None,
     })
+}
+
+/// Parks (stream, key) when its records wait behind a sequence after `delivered` that no live
+/// job holds (its job was deleted, or is dead), so that `journaled status`, the parked-keys
+/// gauge and `retry --key` / `skip --key` see it. Returns the parking, or `None` when the key
+/// moved, is parked already, or its next sequence is live or may be. A scan of the job
+/// table: the worker calls it rarely (see [`crate::WorkerConfig::gap_check_after`]).
+#[cfg_attr(not(feature = "worker"), allow(dead_code))]
+pub(crate) async fn park_if_missing<DB: Backend>(
+    pool: &sqlx::Pool<DB>,
+    stream: &str,
+    partition_key: &str,
+    delivered: i64,
+) -> Result<Option<ParkedKey>, Error> {
+    if position(pool, stream, partition_key).await? != (delivered, false) {
+        return Ok(None);
+    }
+    let Next::Missing {
+        sequence,
+        dead,
+        unreadable,
+    } = locate_next(pool, stream, partition_key, delivered).await?
+    else {
+        return Ok(None);
+    };
+    // A worker advances a key before it deletes the delivered record's job: a key still at
+    // `delivered` after the scan did not have its next record delivered during it.
+    if position(pool, stream, partition_key).await? != (delivered, false) {
+        return Ok(None);
+    }
+    let (event_id, reason) = Next::missing_reason(sequence, &dead, &unreadable);
+    let reason = format!(
+        "{reason}; later records of the key wait behind it ({})",
+        if dead.is_some() {
+            "`journaled retry --key` sends it, `skip --key` moves past it"
+        } else {
+            "`journaled skip --key` moves past it"
+        }
+    );
+    let parked = ParkedKey {
+        stream: stream.to_owned(),
+        partition_key: partition_key.to_owned(),
+        sequence,
+        event_id,
+        reason,
+        parked_at: None,
+    };
+    Ok(DB::park_key(pool, &parked).await?.then_some(parked))
 }
 
 async fn unpark<DB: Backend>(

@@ -815,14 +815,14 @@ async fn advance_keys(pool: &PgPool, acked: &[(String, String, i64)]) -> Result<
     .rows_affected())
 }
 
-async fn park_key(pool: &PgPool, key: &ParkedKey) -> Result<(), Error> {
-    sqlx::query(
+async fn park_key(pool: &PgPool, key: &ParkedKey) -> Result<bool, Error> {
+    let done = sqlx::query(
         "INSERT INTO journaled.key_delivery AS d \
              (stream, partition_key, delivered, parked_seq, parked_event, parked_reason, parked_at) \
          VALUES ($1, $2, $3 - 1, $3, $4, $5, now()) \
          ON CONFLICT (stream, partition_key) DO UPDATE SET parked_seq = EXCLUDED.parked_seq, \
              parked_event = EXCLUDED.parked_event, parked_reason = EXCLUDED.parked_reason, parked_at = now() \
-         WHERE d.parked_seq IS NULL",
+         WHERE d.parked_seq IS NULL AND d.delivered = EXCLUDED.delivered",
     )
     .bind(&key.stream)
     .bind(&key.partition_key)
@@ -832,7 +832,7 @@ async fn park_key(pool: &PgPool, key: &ParkedKey) -> Result<(), Error> {
     .execute(pool)
     .await
     .map_err(db_error)?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 fn parked_row(row: &sqlx::postgres::PgRow) -> Result<ParkedKey, Error> {

@@ -593,15 +593,15 @@ async fn advance_keys(pool: &SqlitePool, acked: &[(String, String, i64)]) -> Res
     Ok(moved)
 }
 
-async fn park_key(pool: &SqlitePool, key: &ParkedKey) -> Result<(), Error> {
-    sqlx::query(
+async fn park_key(pool: &SqlitePool, key: &ParkedKey) -> Result<bool, Error> {
+    let done = sqlx::query(
         "INSERT INTO journaled_key_delivery \
              (stream, partition_key, delivered, parked_seq, parked_event, parked_reason, parked_at) \
          VALUES (?1, ?2, ?3 - 1, ?3, ?4, ?5, ?6) \
          ON CONFLICT (stream, partition_key) DO UPDATE SET parked_seq = excluded.parked_seq, \
              parked_event = excluded.parked_event, parked_reason = excluded.parked_reason, \
              parked_at = excluded.parked_at \
-         WHERE parked_seq IS NULL",
+         WHERE parked_seq IS NULL AND delivered = excluded.delivered",
     )
     .bind(&key.stream)
     .bind(&key.partition_key)
@@ -612,7 +612,7 @@ async fn park_key(pool: &SqlitePool, key: &ParkedKey) -> Result<(), Error> {
     .execute(pool)
     .await
     .map_err(db_error)?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 fn parked_row(row: &sqlx::sqlite::SqliteRow) -> Result<ParkedKey, Error> {

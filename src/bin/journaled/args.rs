@@ -141,6 +141,13 @@ fn seconds(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{value}` is too many seconds"))
 }
 
+fn seconds_or_zero(value: &str) -> Result<Duration, String> {
+    if value.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(Duration::ZERO);
+    }
+    seconds(value)
+}
+
 fn millis(value: &str) -> Result<Duration, String> {
     let ms: u64 = value
         .trim()
@@ -246,6 +253,10 @@ pub struct WorkerArgs {
     /// How long delivery receipts are kept for `journaled trace` (e.g. 7d, 12h; 0 keeps none).
     #[arg(long, hide_env_values = true, env = "JOURNALED_RECEIPTS_RETENTION", default_value = "7d", value_parser = retention)]
     pub receipts_retention: Duration,
+    /// Seconds an ordered key's next record may wait behind a sequence that does not move
+    /// before the worker looks for it and, if no live job holds it, parks the key (0: never).
+    #[arg(long, hide_env_values = true, env = "JOURNALED_WORKER_GAP_CHECK_SECS", default_value = "300", value_parser = seconds_or_zero)]
+    pub gap_check_secs: Duration,
     #[command(flatten)]
     pub aws: AwsArgs,
 }
@@ -269,6 +280,7 @@ impl WorkerArgs {
             .with_drain(self.drain)
             .with_metrics_addr(self.metrics_addr)
             .with_receipts_retention(self.receipts_retention)
+            .with_gap_check_after(self.gap_check_secs)
     }
 }
 

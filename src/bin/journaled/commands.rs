@@ -90,9 +90,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 }
                 println!("parked:  {} ordered keys", parked.len());
                 for key in &parked {
+                    // A key parked on a lost sequence has no event to name.
+                    let event = if key.event_id.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (event {})", key.event_id)
+                    };
                     println!(
-                        "  {}/{} at record {} (event {}): {}",
-                        key.stream, key.partition_key, key.sequence, key.event_id, key.reason
+                        "  {}/{} at record {}{event}: {}",
+                        key.stream, key.partition_key, key.sequence, key.reason
                     );
                 }
             }
