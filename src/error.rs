@@ -310,7 +310,7 @@ pub enum Error {
     /// `journaled retry --key` on a key parked on a sequence that no job holds (its job was
     /// deleted): there is nothing to send again.
     #[error(
-        "{stream}/{partition_key} is parked on sequence {sequence}, which no job holds (its job was deleted): there is nothing to send again; `journaled skip --key` moves the key past it"
+        "{stream}/{partition_key} is parked on sequence {sequence}, which no readable job holds: there is nothing to send again; `journaled skip --key` moves the key past it"
     )]
     RecordGone {
         /// The stream.
@@ -319,6 +319,21 @@ pub enum Error {
         partition_key: String,
         /// The missing sequence.
         sequence: i64,
+    },
+    /// `journaled skip --key` on a key parked on a record that a live job holds again (its
+    /// dead job was retried): skipping it would count it as delivered, unsent.
+    #[error(
+        "{stream}/{partition_key} is parked on sequence {sequence}, which is in live job {job} again: `journaled retry --key` unparks the key so that it is sent; nothing to skip"
+    )]
+    ParkedRecordLive {
+        /// The stream.
+        stream: String,
+        /// The partition key.
+        partition_key: String,
+        /// The parked sequence.
+        sequence: i64,
+        /// The live job holding it.
+        job: i64,
     },
     /// `journaled skip --key` on a key that is not parked: the sequence its records wait for
     /// is in a live job, so it will be delivered (or park the key); nothing is skipped.

@@ -758,7 +758,8 @@ async fn a_missing_sequence_can_be_skipped<DB: Backend + AppSql>(db: &TestDb<DB>
 /// A key whose next sequence is lost — its job deleted (`c`) or dead (`a`) — is found by the
 /// worker once its later records have waited `gap_check_after` on it, and parked with the
 /// reason, so `status` shows it; `retry --key` sends a dead record again (and refuses, naming
-/// `skip --key`, when no job holds it), `skip --key` moves past a deleted one. Key `b` flows
+/// `skip --key`, when no job holds it), `skip --key` moves past a deleted one and refuses to
+/// skip a record made live again. Key `b` flows
 /// throughout, and every key's records then arrive in order.
 async fn a_lost_sequence_parks_its_key<DB: Backend + AppSql>(db: &TestDb<DB>) {
     use journaled::store::ordering::{retry_key, skip_key};
@@ -822,6 +823,16 @@ async fn a_lost_sequence_parks_its_key<DB: Backend + AppSql>(db: &TestDb<DB>) {
         "{err}"
     );
     assert!(err.to_string().contains("skip --key"), "{err}");
+    // `a`'s dead job revived the usual way (`journaled retry --all-dead`) while its key is
+    // parked: skipping it now would count a live record as delivered, so `skip --key` refuses
+    // and `retry --key` only unparks the key.
+    assert_eq!(DB::retry(&db.pool, None).await.unwrap(), 1);
+    let err = skip_key(&db.pool, "test_stream", "a").await.unwrap_err();
+    assert!(
+        matches!(err, Error::ParkedRecordLive { sequence: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("retry --key"), "{err}");
     retry_key(&db.pool, "test_stream", "a").await.unwrap();
     skip_key(&db.pool, "test_stream", "c").await.unwrap();
     wait_until(60, "every key's records are delivered", || async {

@@ -11,6 +11,9 @@ const MAX_SETTING: Duration = Duration::from_secs(7 * 24 * 3600);
 /// publishes the same records again and again.
 pub const MIN_LEASE: Duration = Duration::from_secs(1);
 
+/// The shortest gap check delay (see [`WorkerConfig::gap_check_after`]) other than zero.
+pub const MIN_GAP_CHECK: Duration = Duration::from_millis(100);
+
 /// The default shutdown timeout: well within Kubernetes' default grace period (30 s between
 /// SIGTERM and SIGKILL), so that a worker whose deliveries did not finish still has time to
 /// give their jobs back before it is killed.
@@ -56,10 +59,11 @@ pub struct WorkerConfig {
     /// zero keeps none. `journaled trace` reads them.
     pub receipts_retention: Duration,
     /// How long an ordered key's next record may wait behind a sequence that does not move
-    /// before the worker looks for that sequence (default 300 s; zero never looks). When no
-    /// live job holds it (its job was deleted, or is dead), the key is parked with the reason,
-    /// as for a refused record. A look scans the jobs that mention the key, so a worker makes
-    /// at most one every tenth of this delay.
+    /// before the worker looks for that sequence (default 300 s, at least 100 ms; zero never
+    /// looks). When no live job holds it (its job was deleted, or is dead), the key is parked
+    /// with the reason, as for a refused record. A look scans the whole job table for the
+    /// jobs that mention the key, so a worker makes one at a time, at most one every tenth
+    /// of this delay, and none while an outage or a configuration error holds it back.
     pub gap_check_after: Duration,
 }
 
@@ -235,6 +239,12 @@ impl WorkerConfig {
                 return Err(Error::Config(format!("the {name} must be at most 7 days")));
             }
         }
+        if !self.gap_check_after.is_zero() && self.gap_check_after < MIN_GAP_CHECK {
+            return Err(Error::Config(format!(
+                "the gap check delay must be 0 (never) or at least {MIN_GAP_CHECK:?}, got {:?}: each check scans the job table",
+                self.gap_check_after
+            )));
+        }
         if self.backoff_base > self.backoff_max {
             return bad("the backoff base must not exceed the backoff max");
         }
@@ -274,6 +284,16 @@ mod tests {
         refused(
             WorkerConfig::default().with_lease(Duration::from_millis(1)),
             "lease must be at least 1s",
+        );
+        refused(
+            WorkerConfig::default().with_gap_check_after(Duration::from_millis(1)),
+            "gap check delay must be 0 (never) or at least 100ms",
+        );
+        assert!(
+            WorkerConfig::default()
+                .with_gap_check_after(Duration::ZERO)
+                .validate()
+                .is_ok()
         );
         assert!(
             WorkerConfig::default()

@@ -46,11 +46,16 @@ pub(crate) struct Gaps {
 impl Gaps {
     /// Notes keys a batch left waiting; returns the key to check now, if any: the one that
     /// has waited longest on the same delivered sequence, for at least `after`.
+    ///
+    /// `may_check` is false while a check runs, or while the worker is held back (an outage,
+    /// a configuration error): then every waiting key's predecessor is likely live, backing
+    /// off, and a check would scan the job table for nothing.
     pub(crate) fn note(
         &mut self,
         waiting: Vec<Waiting>,
         now: Instant,
         after: Duration,
+        may_check: bool,
     ) -> Option<Waiting> {
         if after.is_zero() {
             return None;
@@ -58,10 +63,12 @@ impl Gaps {
         // A key not reported for a while moved on (or its records went to another worker).
         self.noted
             .retain(|_, n| now.saturating_duration_since(n.seen) <= after);
-        if self.noted.len() + waiting.len() > MAX_NOTED {
-            self.noted.clear();
-        }
         for (stream, key, delivered) in waiting {
+            if self.noted.len() >= MAX_NOTED
+                && !self.noted.contains_key(&(stream.clone(), key.clone()))
+            {
+                continue; // full: the keys noted first, the likeliest stuck, keep their place
+            }
             let noted = self.noted.entry((stream, key)).or_insert(Noted {
                 delivered,
                 since: now,
@@ -75,7 +82,7 @@ impl Gaps {
             }
             noted.seen = now;
         }
-        if self.next_check.is_some_and(|at| now < at) {
+        if !may_check || self.next_check.is_some_and(|at| now < at) {
             return None;
         }
         let (key, noted) = self
@@ -99,8 +106,16 @@ pub(crate) fn check<DB: Backend>(pool: &sqlx::Pool<DB>, running: &Arc<AtomicBool
     if running.swap(true, Ordering::AcqRel) {
         return; // the check in flight paces the next
     }
-    let (pool, running) = (pool.clone(), running.clone());
+    /// Clears `running` however the check ends.
+    struct Done(Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let (pool, done) = (pool.clone(), Done(running.clone()));
     tokio::spawn(async move {
+        let _done = done;
         let (stream, partition_key, delivered) = key;
         match crate::store::ordering::park_if_missing(&pool, &stream, &partition_key, delivered)
             .await
@@ -117,7 +132,6 @@ pub(crate) fn check<DB: Backend>(pool: &sqlx::Pool<DB>, running: &Arc<AtomicBool
                 tracing::warn!(error = %e, stream, key = partition_key, "could not check a waiting ordered key; checking again later")
             }
         }
-        running.store(false, Ordering::Release);
     });
 }
 
@@ -136,40 +150,49 @@ mod tests {
         let at = |secs: u64| t0 + Duration::from_secs(secs);
         let mut gaps = Gaps::default();
         assert_eq!(
-            gaps.note(vec![key("a", 3), key("b", 0)], at(0), after),
+            gaps.note(vec![key("a", 3), key("b", 0)], at(0), after, true),
             None
         );
         assert_eq!(
-            gaps.note(vec![key("a", 3), key("b", 1)], at(5), after),
+            gaps.note(vec![key("a", 3), key("b", 1)], at(5), after, true),
             None
         );
         // `a` waited 10 s on 3; `b` moved at 5 s.
         assert_eq!(
-            gaps.note(vec![key("a", 3), key("b", 1)], at(10), after),
+            gaps.note(vec![key("a", 3), key("b", 1)], at(10), after, true),
             Some(key("a", 3))
         );
         // Paced: nothing for a tenth of the delay, and `a` not again for the whole delay.
         assert_eq!(
-            gaps.note(vec![key("a", 3), key("b", 1)], at(10), after),
+            gaps.note(vec![key("a", 3), key("b", 1)], at(10), after, true),
             None
         );
         assert_eq!(
-            gaps.note(vec![key("a", 3), key("b", 1)], at(15), after),
+            gaps.note(vec![key("a", 3), key("b", 1)], at(15), after, true),
             Some(key("b", 1))
         );
-        assert_eq!(gaps.note(vec![key("a", 3)], at(19), after), None);
+        assert_eq!(gaps.note(vec![key("a", 3)], at(19), after, true), None);
         assert_eq!(
-            gaps.note(vec![key("a", 3)], at(20), after),
+            gaps.note(vec![key("a", 3)], at(20), after, true),
             Some(key("a", 3))
         );
         // Not reported for longer than the delay: forgotten, its wait starts again.
-        assert_eq!(gaps.note(vec![key("a", 3)], at(40), after), None);
-        assert_eq!(gaps.note(vec![], at(45), after), None);
+        assert_eq!(gaps.note(vec![key("a", 3)], at(40), after, true), None);
+        assert_eq!(gaps.note(vec![], at(45), after, true), None);
         assert_eq!(
-            gaps.note(vec![key("a", 3)], at(50), after),
+            gaps.note(vec![key("a", 3)], at(50), after, true),
+            Some(key("a", 3))
+        );
+        // Not while a check runs or the worker is held back; the wait is still noted.
+        assert_eq!(gaps.note(vec![key("a", 3)], at(60), after, false), None);
+        assert_eq!(
+            gaps.note(vec![key("a", 3)], at(61), after, true),
             Some(key("a", 3))
         );
         // Zero turns checks off.
-        assert_eq!(gaps.note(vec![key("c", 0)], at(500), Duration::ZERO), None);
+        assert_eq!(
+            gaps.note(vec![key("c", 0)], at(500), Duration::ZERO, true),
+            None
+        );
     }
 }

@@ -10,7 +10,7 @@ mod ordered;
 mod publish;
 mod sink;
 
-pub use config::{DEFAULT_SHUTDOWN_TIMEOUT, MIN_LEASE, WorkerConfig};
+pub use config::{DEFAULT_SHUTDOWN_TIMEOUT, MIN_GAP_CHECK, MIN_LEASE, WorkerConfig};
 
 pub use sink::{Ack, ErrorClass, Failure, NoopSink, OutRecord, RecordOutcome, Sink};
 
@@ -394,10 +394,13 @@ async fn deliver<DB: Backend>(
             .instrument(span)
             .await;
         results.push(ordered);
+        let may_check = !shared.gap_check.load(std::sync::atomic::Ordering::Acquire)
+            && shared.alarm.holding_back().is_none();
         let check = shared.gaps.lock().expect("poisoned").note(
             waiting,
             tokio::time::Instant::now(),
             config.gap_check_after,
+            may_check,
         );
         if let Some(key) = check {
             gaps::check(&shared.pool, &shared.gap_check, key);

@@ -1,13 +1,14 @@
 //! Ordered keys as the worker and the operator see them: where each key's delivery stands, and
-//! the keys parked on a record refused for good.
+//! the keys parked on a record refused for good or lost (its job deleted, or dead).
 
 use time::OffsetDateTime;
 
 use super::{Backend, JobId, Trace};
 use crate::Error;
 
-/// A key whose delivery stopped at a record refused for good: later records of the key wait
-/// until `journaled retry --key` or `journaled skip --key`.
+/// A key whose delivery stopped at a record refused for good, or at a sequence the worker found
+/// lost (in a dead job, or in none): later records of the key wait until `journaled retry
+/// --key` or `journaled skip --key`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ParkedKey {
     /// The stream.
@@ -16,9 +17,9 @@ pub struct ParkedKey {
     pub partition_key: String,
     /// The sequence of the refused record.
     pub sequence: i64,
-    /// The refused event.
+    /// The refused event; empty when no job holds the sequence.
     pub event_id: String,
-    /// Why it was refused.
+    /// Why the key is parked.
     pub reason: String,
     /// When the key was parked.
     #[serde(with = "time::serde::rfc3339::option")]
@@ -42,9 +43,11 @@ pub async fn parked_keys<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<Vec<Parke
     DB::parked_keys(pool).await
 }
 
-/// Sends a parked key's refused record again: its dead job is made due, then the key is
-/// unparked, and its later records follow once it is delivered. Returns what the key was
-/// parked on. Refused while no dead job holds the record (a worker still settling it).
+/// Sends a parked key's record again: its dead job is made due (or, made live already, left
+/// as it is), then the key is unparked, and its later records follow once it is delivered.
+/// Returns what the key was parked on. Refused while no job holds the record: a worker still
+/// settling it ([`Error::RecordNotDead`]), or a sequence whose job was deleted
+/// ([`Error::RecordGone`]: `skip_key` moves past it).
 pub async fn retry_key<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     stream: &str,
@@ -66,9 +69,12 @@ pub async fn retry_key<DB: Backend>(
             sequence: parked.sequence,
         });
     }
-    let revived = match dead_job_of(pool, &parked).await? {
-        Some(job) => DB::retry(pool, Some(job)).await? == 1,
-        None => false,
+    let revived = match traced_job(pool, &parked).await? {
+        Some(Trace::Dead(job)) => DB::retry(pool, Some(job.job_id)).await? == 1,
+        // Made live again (`journaled retry JOB`) after the key parked on it: it only needs
+        // the key unparked.
+        Some(Trace::Pending(_)) => true,
+        _ => false,
     };
     if !revived {
         return Err(Error::RecordNotDead {
@@ -80,8 +86,10 @@ pub async fn retry_key<DB: Backend>(
     unpark(pool, stream, partition_key, false).await
 }
 
-/// Unparks a key past its refused record, which stays dead-lettered in its dead job: the key's
-/// later records flow. Returns what the key was parked on.
+/// Unparks a key past its parked record, which stays dead-lettered in its dead job (if any):
+/// the key's later records flow. Returns what the key was parked on. Refused with
+/// [`Error::ParkedRecordLive`] while a live job holds that record (it was made live again
+/// after the key parked: `retry_key` unparks the key so that it is sent).
 ///
 /// A key that is not parked but whose records wait for a sequence no live job holds (its job
 /// was deleted, or is dead because it could not be read) is moved past that sequence, so that
@@ -96,6 +104,24 @@ pub async fn skip_key<DB: Backend>(
     stream: &str,
     partition_key: &str,
 ) -> Result<ParkedKey, Error> {
+    let parked = DB::parked_keys(pool)
+        .await?
+        .into_iter()
+        .find(|k| k.stream == stream && k.partition_key == partition_key);
+    if let Some(parked) = parked {
+        // Its record made live again (`journaled retry JOB`): skipping would count it as
+        // delivered and it would never be sent.
+        if let Next::Live { sequence, job } =
+            locate_next(pool, stream, partition_key, parked.sequence - 1).await?
+        {
+            return Err(Error::ParkedRecordLive {
+                stream: stream.to_owned(),
+                partition_key: partition_key.to_owned(),
+                sequence,
+                job: job.0,
+            });
+        }
+    }
     match DB::unpark(pool, stream, partition_key, true).await? {
         Some(parked) => Ok(parked),
         None => skip_missing(pool, stream, partition_key).await,
@@ -346,15 +372,12 @@ async fn unpark<DB: Backend>(
         })
 }
 
-async fn dead_job_of<DB: Backend>(
+async fn traced_job<DB: Backend>(
     pool: &sqlx::Pool<DB>,
     parked: &ParkedKey,
-) -> Result<Option<JobId>, Error> {
+) -> Result<Option<Trace>, Error> {
     let Ok(id) = parked.event_id.parse() else {
         return Ok(None);
     };
-    Ok(match DB::trace(pool, crate::EventId(id)).await? {
-        Trace::Dead(job) => Some(job.job_id),
-        _ => None,
-    })
+    Ok(Some(DB::trace(pool, crate::EventId(id)).await?))
 }

@@ -142,10 +142,13 @@ fn seconds(value: &str) -> Result<Duration, String> {
 }
 
 fn seconds_or_zero(value: &str) -> Result<Duration, String> {
-    if value.trim().parse::<f64>() == Ok(0.0) {
-        return Ok(Duration::ZERO);
+    match value.trim().parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        Ok(secs) if secs < 0.0 => Err(format!(
+            "`{value}` must be 0 (never) or a positive number of seconds"
+        )),
+        _ => seconds(value),
     }
-    seconds(value)
 }
 
 fn millis(value: &str) -> Result<Duration, String> {

@@ -150,7 +150,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failed> {
             let (stream, partition_key) = journaled::store::ordering::parse_key(&key)?;
             let pool = DbPool::connect(&cli.database_url, false).await?;
             let parked = on_pool!(&pool, pool => journaled::store::ordering::skip_key(pool, &stream, &partition_key).await?);
-            if parked.parked_at.is_some() {
+            if parked.parked_at.is_some() && parked.event_id.is_empty() {
+                // Parked by a worker on a sequence no job holds.
+                println!(
+                    "journaled: {stream}/{partition_key} resumes after missing record {}",
+                    parked.sequence
+                );
+            } else if parked.parked_at.is_some() {
                 println!(
                     "journaled: {stream}/{partition_key} resumes after record {}; event {} stays dead-lettered",
                     parked.sequence, parked.event_id
