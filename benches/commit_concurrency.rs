@@ -20,7 +20,14 @@
 //!   transaction on one key of the writer's own 100, so a transaction upserts one sequence row.
 //!
 //! Modes are interleaved (L, H, N, Q, O, L, H, N, Q, O) with VACUUM and CHECKPOINT before each measurement.
-//! Client CPU per transaction is the process's user+system time over the transactions done.
+//! Client CPU per transaction ("µs") is the process's user+system time over the transactions
+//! done; server CPU ("srv") is that of every `postgres` process on this machine (with the
+//! postmaster's exited children), read from `/proc`, so only for a local server. "paired" is
+//! the median (min–max) over rounds of each round's own ratio: a machine that slows down
+//! between rounds moves it less than the ratio of the medians.
+//!
+//! `JOURNALED_BENCH_EXPERIMENT_SQL` runs SQL on the bench database after migrating it, to
+//! measure what a schema change would do (e.g. `DROP INDEX journaled.jobs_ready_idx`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,9 +201,48 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
+/// (comm, ppid, utime + stime, cutime + cstime) of a process, in ticks.
+fn proc_stat(pid: &str) -> Option<(String, String, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, after) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Some((comm, f.get(1)?.to_string(), n(11) + n(12), n(13) + n(14)))
+}
+
+/// CPU time of the PostgreSQL server on this machine: every live `postgres` process, plus what
+/// the postmaster's exited children used. `None` when no local server is visible.
+fn server_cpu_time() -> Option<Duration> {
+    let mut stats = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if pid.bytes().all(|b| b.is_ascii_digit())
+            && let Some(stat) = proc_stat(&pid)
+            && stat.0 == "postgres"
+        {
+            stats.insert(pid, stat);
+        }
+    }
+    let ticks: u64 = stats
+        .values()
+        .map(|(_, ppid, own, children)| {
+            // The postmaster's parent is not a postgres process: count its reaped children.
+            own + if stats.contains_key(ppid) {
+                0
+            } else {
+                *children
+            }
+        })
+        .sum();
+    (!stats.is_empty()).then(|| Duration::from_millis(ticks * 10))
+}
+
 struct Measured {
     tps: f64,
     cpu_us_per_tx: f64,
+    /// The PostgreSQL server's CPU per transaction (NaN when not measurable from here).
+    server_us_per_tx: f64,
     /// Transactions done (the 3 of the warm-up not counted).
     transactions: u64,
 }
@@ -225,6 +271,7 @@ async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measur
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let cpu_before = cpu_time();
+    let server_before = server_cpu_time();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for writer in 0..connections {
@@ -243,6 +290,11 @@ async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measur
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = (cpu_time() - cpu_before).as_secs_f64();
+    let server = server_before
+        .zip(server_cpu_time())
+        .map_or(f64::NAN, |(before, after)| {
+            after.saturating_sub(before).as_secs_f64()
+        });
     let n = done.load(Ordering::Relaxed) as f64;
     drop(journaled);
     pool.close().await;
@@ -250,6 +302,7 @@ async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measur
         transactions: n as u64,
         tps: n / elapsed,
         cpu_us_per_tx: cpu * 1e6 / n.max(1.0),
+        server_us_per_tx: server * 1e6 / n.max(1.0),
     }
 }
 
@@ -442,6 +495,7 @@ fn processes(mode: Mode, secs: f64) -> Measured {
                 .unwrap()
         })
         .collect();
+    let server_before = server_cpu_time();
     let mut tps = 0.0;
     let mut cpu = 0.0;
     let mut transactions = 0;
@@ -453,9 +507,15 @@ fn processes(mode: Mode, secs: f64) -> Measured {
         cpu += f.next().unwrap() / 4.0;
         transactions += f.next().unwrap() as u64;
     }
+    let server = server_before
+        .zip(server_cpu_time())
+        .map_or(f64::NAN, |(before, after)| {
+            after.saturating_sub(before).as_secs_f64()
+        });
     Measured {
         tps,
         cpu_us_per_tx: cpu,
+        server_us_per_tx: server * 1e6 / (transactions as f64).max(1.0),
         transactions,
     }
 }
@@ -500,6 +560,12 @@ async fn main() {
     .await
     .unwrap();
     journaled::migrate(&admin).await.unwrap();
+    if let Ok(sql) = std::env::var("JOURNALED_BENCH_EXPERIMENT_SQL") {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
     let settings: Vec<(String, String)> = sqlx::query_as(
         "SELECT name, setting FROM pg_settings WHERE name IN ('server_version', 'autovacuum', 'synchronous_commit', 'max_connections')",
     )
@@ -512,7 +578,7 @@ async fn main() {
     );
     println!();
     println!(
-        "{:>4} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6} {:>6} | {:>8} {:>8} {:>8} {:>8}",
+        "{:>4} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>6} | {:>17} {:>17} | {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
         "C",
         "L tx/s",
         "H tx/s",
@@ -523,10 +589,15 @@ async fn main() {
         "N/H",
         "Q/H",
         "O/L",
-        "L µs/tx",
-        "H µs/tx",
-        "Q µs/tx",
-        "O µs/tx"
+        "L/H paired",
+        "O/L paired",
+        "L µs",
+        "H µs",
+        "Q µs",
+        "O µs",
+        "L srv",
+        "H srv",
+        "O srv",
     );
     let only_claims = std::env::var("JOURNALED_BENCH_ONLY_CLAIMS").is_ok()
         || std::env::var("JOURNALED_BENCH_PROFILE").is_ok();
@@ -537,9 +608,22 @@ async fn main() {
             .as_deref()
             .is_none_or(|m| m.split(',').any(|m| m.trim() == mode.name()))
     };
+    // "paired": the median (min–max) over rounds of each round's own ratio, which a machine
+    // slowing down between rounds moves less than the ratio of medians.
+    let paired = |a: &[f64], b: &[f64]| -> String {
+        let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+        if r.is_empty() {
+            return "-".into();
+        }
+        let (lo, hi) = r
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("{:.3} ({lo:.2}–{hi:.2})", median(r))
+    };
     for connections in [1usize, 4, 16, 64].into_iter().filter(|_| !only_claims) {
         let mut tps: [Vec<f64>; 5] = Default::default();
         let mut cpu: [Vec<f64>; 5] = Default::default();
+        let mut srv: [Vec<f64>; 5] = Default::default();
         for _round in 0..rounds {
             for (k, mode) in [
                 Mode::Library,
@@ -556,12 +640,16 @@ async fn main() {
                 let m = measure(mode, connections, secs, &url).await;
                 tps[k].push(m.tps);
                 cpu[k].push(m.cpu_us_per_tx);
+                srv[k].push(m.server_us_per_tx);
             }
         }
+        let pl = paired(&tps[0], &tps[1]);
+        let po = paired(&tps[4], &tps[0]);
         let [l, h, n, q, o] = tps.map(median);
         let [lc, hc, _, qc, oc] = cpu.map(median);
+        let [ls, hs, _, _, os] = srv.map(median);
         println!(
-            "{connections:>4} | {l:>9.0} {h:>9.0} {n:>9.0} {q:>9.0} {o:>9.0} | {:>6.3} {:>6.3} {:>6.3} {:>6.3} | {lc:>8.0} {hc:>8.0} {qc:>8.0} {oc:>8.0}",
+            "{connections:>4} | {l:>7.0} {h:>7.0} {n:>7.0} {q:>7.0} {o:>7.0} | {:>6.3} {:>6.3} {:>6.3} {:>6.3} | {pl:>17} {po:>17} | {lc:>6.0} {hc:>6.0} {qc:>6.0} {oc:>6.0} | {ls:>6.0} {hs:>6.0} {os:>6.0}",
             l / h,
             n / h,
             q / h,
@@ -571,22 +659,36 @@ async fn main() {
     let mut l4 = Vec::new();
     let mut h4 = Vec::new();
     let processes_too = !only_claims && chosen(Mode::Library) && chosen(Mode::Hand);
-    for _round in (0..2).filter(|_| processes_too) {
+    for _round in (0..rounds.max(2)).filter(|_| processes_too) {
         quiesce(&admin).await;
         l4.push(processes(Mode::Library, secs));
         quiesce(&admin).await;
         h4.push(processes(Mode::Hand, secs));
     }
     if processes_too {
-        let l = median(l4.iter().map(|m| m.tps).collect());
-        let h = median(h4.iter().map(|m| m.tps).collect());
+        let col = |ms: &[Measured], f: fn(&Measured) -> f64| median(ms.iter().map(f).collect());
+        let (l, h) = (col(&l4, |m| m.tps), col(&h4, |m| m.tps));
+        let pl = paired(
+            &l4.iter().map(|m| m.tps).collect::<Vec<_>>(),
+            &h4.iter().map(|m| m.tps).collect::<Vec<_>>(),
+        );
         println!(
-            "4x16 | {l:>9.0} {h:>9.0} {:>9} | {:>6.3} {:>6} | {:>8.0} {:>8.0}   (4 processes x 16 connections)",
+            "4x16 | {l:>7.0} {h:>7.0} {:>7} {:>7} {:>7} | {:>6.3} {:>6} {:>6} {:>6} | {pl:>17} {:>17} | {:>6.0} {:>6.0} {:>6} {:>6} | {:>6.0} {:>6.0} {:>6}   (4 processes x 16 connections)",
+            "-",
+            "-",
             "-",
             l / h,
             "-",
-            median(l4.iter().map(|m| m.cpu_us_per_tx).collect()),
-            median(h4.iter().map(|m| m.cpu_us_per_tx).collect()),
+            "-",
+            "-",
+            "-",
+            col(&l4, |m| m.cpu_us_per_tx),
+            col(&h4, |m| m.cpu_us_per_tx),
+            "-",
+            "-",
+            col(&l4, |m| m.server_us_per_tx),
+            col(&h4, |m| m.server_us_per_tx),
+            "-",
         );
     }
 
