@@ -724,11 +724,19 @@ async fn a_missing_sequence_can_be_skipped<DB: Backend + AppSql>(db: &TestDb<DB>
         reason: "refused".into(),
         parked_at: None,
     };
-    DB::park_key(&db.pool, &parked).await.unwrap();
+    assert!(DB::park_key(&db.pool, &parked).await.unwrap());
+    assert!(
+        !DB::park_key(&db.pool, &parked).await.unwrap(),
+        "a parked key keeps its first parking"
+    );
     let z = [("test_stream".to_owned(), "z".to_owned(), 1)];
     assert_eq!(DB::advance_keys(&db.pool, &z).await.unwrap(), 0);
     let skipped = skip_key(&db.pool, "test_stream", "z").await.unwrap();
     assert_eq!(skipped.sequence, 1, "skipping a parked key unparks it");
+    assert!(
+        !DB::park_key(&db.pool, &parked).await.unwrap(),
+        "a key past the record is not parked on it"
+    );
 
     let (stop, handle) = spawn_worker(&db.pool, &emulator.endpoint()).await;
     wait_until(60, "a's records behind the gap are delivered", || async {

@@ -310,7 +310,13 @@ async fn round<DB: Backend>(
                     parked_at: None,
                 };
                 match DB::park_key(pool, &parked_key).await {
-                    Ok(_) => {
+                    Ok(false) => {
+                        // Parked already, or moved past this record by another worker that
+                        // took the job over: it is looked at again next time, as one waiting.
+                        tracing::warn!(stream, key, seq, error = %failure, "refused, but the key was parked or moved meanwhile");
+                        out.push((slot, Err(waiting())));
+                    }
+                    Ok(true) => {
                         tracing::error!(stream, key, seq, error = %failure, "ordered key parked: its record is refused for good");
                         out.extend(
                             pending[k]
