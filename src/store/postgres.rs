@@ -94,9 +94,9 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
         },
     ] = jobs
     {
-        // The usual transaction: one job, due now. A plain VALUES row costs the server less
-        // than INSERT … SELECT over the due-time subquery (pgbench, 16 and 64 clients: 3–8 %
-        // of the transaction's server CPU).
+        // The usual transaction: one job, due now, as the plainest statement. (Measured against
+        // INSERT … SELECT over the due-time subquery with `scripts/pgbench-insert-shapes`: no
+        // difference beyond the runs' spread.)
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
              VALUES ($1, now(), now(), true, $2, $3, $4) RETURNING id",
@@ -161,8 +161,7 @@ macro_rules! one_job_from_taken {
          FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
          RETURNING id, sequence_bases"
     };
-    // Due now (no run-at, no delay: $5 and $6 are null and unused): no due-time subquery,
-    // which costs the server more than the plain row (see `insert_jobs`).
+    // Due now (no run-at, no delay: $5 and $6 are null and unused): no due-time subquery.
     (due_now) => {
         "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
          SELECT $4, now(), now(), true, $7, $8, $9, ARRAY[taken.base] FROM taken \
