@@ -86,30 +86,6 @@ fn job_columns(jobs: &[NewJob]) -> JobColumns {
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
 async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
     // Due times are the database's: `now()` plus the delay, never the application's clock.
-    if let [
-        job @ NewJob {
-            run_at: None,
-            delay: None,
-            ..
-        },
-    ] = jobs
-    {
-        // The usual transaction: one job, due now, as the plainest statement. (Measured against
-        // INSERT … SELECT over the due-time subquery with `scripts/pgbench-insert-shapes`: no
-        // difference beyond the runs' spread.)
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
-             VALUES ($1, now(), now(), true, $2, $3, $4) RETURNING id",
-        )
-        .bind(job.priority)
-        .bind(job.event_count)
-        .bind(job.bytes)
-        .bind(&job.records)
-        .fetch_one(conn)
-        .await
-        .map_err(db_error)?;
-        return Ok(vec![JobId(id)]);
-    }
     if let [job] = jobs {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
@@ -159,12 +135,6 @@ macro_rules! one_job_from_taken {
         "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
          SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
          FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
-         RETURNING id, sequence_bases"
-    };
-    // Due now (no run-at, no delay: $5 and $6 are null and unused): no due-time subquery.
-    (due_now) => {
-        "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
-         SELECT $4, now(), now(), true, $7, $8, $9, ARRAY[taken.base] FROM taken \
          RETURNING id, sequence_bases"
     };
 }
@@ -224,35 +194,23 @@ async fn insert_jobs_taking_sequences(
         // WAL record). Another key, or one whose row is gone (the UPDATE inserts nothing),
         // upserts it.
         let known = known_key(stream, key);
-        let due_now = job.run_at.is_none() && job.delay.is_none();
-        macro_rules! update_taken {
-            ($($due:ident)?) => {
-                concat!(
-                    "WITH taken AS ( \
-                     UPDATE journaled.key_sequences SET seq = seq + $3 \
-                     WHERE stream = $1 AND partition_key = $2 \
-                     RETURNING seq - $3 AS base) ",
-                    one_job_from_taken!($($due)?)
-                )
-            };
-        }
-        macro_rules! upsert_taken {
-            ($($due:ident)?) => {
-                concat!(
-                    "WITH taken AS ( \
-                     INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
-                     VALUES ($1, $2, $3) \
-                     ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
-                     RETURNING seq - $3 AS base) ",
-                    one_job_from_taken!($($due)?)
-                )
-            };
-        }
-        let sql = match (known, due_now) {
-            (true, true) => update_taken!(due_now),
-            (true, false) => update_taken!(),
-            (false, true) => upsert_taken!(due_now),
-            (false, false) => upsert_taken!(),
+        let sql = if known {
+            concat!(
+                "WITH taken AS ( \
+                 UPDATE journaled.key_sequences SET seq = seq + $3 \
+                 WHERE stream = $1 AND partition_key = $2 \
+                 RETURNING seq - $3 AS base) ",
+                one_job_from_taken!()
+            )
+        } else {
+            concat!(
+                "WITH taken AS ( \
+                 INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
+                 VALUES ($1, $2, $3) \
+                 ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
+                 RETURNING seq - $3 AS base) ",
+                one_job_from_taken!()
+            )
         };
         rows = sqlx::query_as(sql)
             .bind(stream)
