@@ -9,7 +9,7 @@
 //! bench creates and drops its own database. `JOURNALED_BENCH_SECS` (default 3) is the length of
 //! one measurement, `JOURNALED_BENCH_ROUNDS` (default 2) the rounds of interleaved modes;
 //! `JOURNALED_BENCH_MODES=L,O` measures those modes only (and skips the claims, and 4x16
-//! unless L and H are among them).
+//! unless L and H are among them); `JOURNALED_BENCH_CONNECTIONS=16,4x16` those sizes only.
 //!
 //! Each transaction: UPDATE a random row of 10,000, then
 //! - (L) the library: 10 `journal!` calls (~200-byte events), COMMIT (one job row);
@@ -17,9 +17,14 @@
 //! - (N) hand-written plus `pg_notify` in the transaction: what the dropped trigger did;
 //! - (Q) the library with `Config::with_notify(false)` (no coalesced NOTIFY to other processes);
 //! - (O) L with ordered events (issue 14), on keys no other writer uses: all 10 events of a
-//!   transaction on one key of the writer's own 100, so a transaction upserts one sequence row.
+//!   transaction on one key of the writer's own 100, so a transaction upserts one sequence row;
+//!   the keys are new to the database, so at 64 connections most transactions insert their key's
+//!   row;
+//! - (K) O on keys that recur: each writer's own 10, whose rows exist before the measurement
+//!   (an application whose aggregates are written more than once), so a transaction updates
+//!   its key's row in place.
 //!
-//! Modes are interleaved (L, H, N, Q, O, L, H, N, Q, O) with VACUUM and CHECKPOINT before each measurement.
+//! Modes are interleaved (L, H, N, Q, O, K, L, H, …) with VACUUM and CHECKPOINT before each measurement.
 //! Client CPU per transaction ("µs") is the process's user+system time over the transactions
 //! done; server CPU ("srv") is that of every `postgres` process on this machine (with the
 //! postmaster's exited children), read from `/proc`, so only for a local server. "paired" is
@@ -61,6 +66,8 @@ struct AccountCreditedInOrder {
 }
 
 const EVENTS: usize = 10;
+/// Keys per writer in mode K.
+const KNOWN_KEYS: u64 = 10;
 const ACCOUNTS: i64 = 10_000;
 
 fn event(account_id: i64, i: usize) -> AccountCredited {
@@ -98,6 +105,7 @@ enum Mode {
     Hand,
     HandNotify,
     Ordered,
+    OrderedKnown,
 }
 
 impl Mode {
@@ -108,6 +116,7 @@ impl Mode {
             Mode::Hand => "H",
             Mode::HandNotify => "N",
             Mode::Ordered => "O",
+            Mode::OrderedKnown => "K",
         }
     }
 
@@ -117,6 +126,7 @@ impl Mode {
             "Q" => Mode::LibraryQuiet,
             "H" => Mode::Hand,
             "O" => Mode::Ordered,
+            "K" => Mode::OrderedKnown,
             _ => Mode::HandNotify,
         }
     }
@@ -132,8 +142,12 @@ async fn one_transaction(
 ) {
     let account = fastrand::i64(0..ACCOUNTS);
     match mode {
-        Mode::Library | Mode::LibraryQuiet | Mode::Ordered => {
-            let key = (mode == Mode::Ordered).then(|| format!("w{writer}-{}", n % 100));
+        Mode::Library | Mode::LibraryQuiet | Mode::Ordered | Mode::OrderedKnown => {
+            let key = match mode {
+                Mode::Ordered => Some(format!("w{writer}-{}", n % 100)),
+                Mode::OrderedKnown => Some(format!("w{writer}-{}", n % KNOWN_KEYS)),
+                _ => None,
+            };
             let mut tx = journaled.begin().await.unwrap();
             sqlx::query("UPDATE bench_accounts SET balance = balance + 1 WHERE id = $1")
                 .bind(account)
@@ -247,8 +261,10 @@ struct Measured {
     transactions: u64,
 }
 
-/// C tasks, each on its own connection, for `secs`.
-async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measured {
+/// C tasks, each on its own connection, for `secs`. `gated`: once the pool is connected and
+/// warmed up, print "ready" and start at a line on stdin (the 4x16 children start together,
+/// so that none's start-up runs in another's measurement).
+async fn measure(mode: Mode, connections: usize, secs: f64, url: &str, gated: bool) -> Measured {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(connections as u32 + 2)
         .min_connections(connections as u32 + 2)
@@ -265,9 +281,34 @@ async fn measure(mode: Mode, connections: usize, secs: f64, url: &str) -> Measur
     }
     // Writers of each measurement get keys of their own, new to the database and to this
     // process: at 64 connections most ordered transactions are their key's first, at 1 a key
-    // recurs every 100th transaction.
+    // recurs every 100th transaction. In mode K each writer's keys get their rows here.
     static MEASUREMENTS: AtomicU64 = AtomicU64::new(0);
     let first_writer = MEASUREMENTS.fetch_add(1, Ordering::Relaxed) as usize * 1000;
+    if mode == Mode::OrderedKnown {
+        let mut tasks = Vec::new();
+        for writer in 0..connections {
+            let (journaled, pool) = (journaled.clone(), pool.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0..KNOWN_KEYS {
+                    one_transaction(mode, &journaled, &pool, first_writer + writer, n).await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+    if gated {
+        tokio::task::spawn_blocking(|| {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            writeln!(out, "ready").unwrap();
+            out.flush().unwrap();
+            std::io::stdin().read_line(&mut String::new()).unwrap();
+        })
+        .await
+        .unwrap();
+    }
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let cpu_before = cpu_time();
@@ -331,6 +372,17 @@ async fn quiesce(admin: &PgPool) {
         "CHECKPOINT",
     ] {
         sqlx::raw_sql(sql).execute(admin).await.unwrap();
+    }
+}
+
+/// The connection counts chosen by `JOURNALED_BENCH_CONNECTIONS` (all when unset).
+struct Sizes(Option<String>);
+
+impl Sizes {
+    fn chosen(&self, size: &str) -> bool {
+        self.0
+            .as_deref()
+            .is_none_or(|s| s.split(',').any(|s| s.trim() == size))
     }
 }
 
@@ -474,34 +526,55 @@ async fn child(spec: &str, url: &str) {
     let mode = Mode::parse(parts.next().unwrap());
     let connections: usize = parts.next().unwrap().parse().unwrap();
     let secs: f64 = parts.next().unwrap().parse().unwrap();
-    let m = measure(mode, connections, secs, url).await;
+    // A child of `processes` says when it is ready, and starts when told.
+    let gated = std::env::var("JOURNALED_BENCH_GATED").is_ok();
+    let m = measure(mode, connections, secs, url, gated).await;
     // tx/s, client CPU µs per transaction, transactions (for an instruction count per
     // transaction under callgrind: see BENCHMARKS.md).
     println!("{} {} {}", m.tps, m.cpu_us_per_tx, m.transactions);
 }
 
-/// 4 processes x 16 connections of one mode, at once; total tx/s and mean CPU µs per tx.
+/// 4 processes x 16 connections of one mode, at once; total tx/s and mean CPU µs per tx. The
+/// children connect and warm up first, then all start together: a child still starting up
+/// (the library compiles its schemas) would otherwise take CPU from the others' measurement.
 fn processes(mode: Mode, secs: f64) -> Measured {
+    use std::io::{BufRead, Read, Write};
     let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..4)
+    let mut children: Vec<_> = (0..4)
         .map(|_| {
             std::process::Command::new(&exe)
                 .env(
                     "JOURNALED_BENCH_CHILD",
                     format!("{},16,{secs}", mode.name()),
                 )
+                .env("JOURNALED_BENCH_GATED", "1")
+                .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
+    let mut outputs: Vec<_> = children
+        .iter_mut()
+        .map(|c| {
+            let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready", "a child of the 4x16 run");
+            out
+        })
+        .collect();
     let server_before = server_cpu_time();
+    for c in &mut children {
+        writeln!(c.stdin.take().unwrap(), "go").unwrap();
+    }
     let mut tps = 0.0;
     let mut cpu = 0.0;
     let mut transactions = 0;
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+    for (c, out) in children.iter_mut().zip(&mut outputs) {
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        assert!(c.wait().unwrap().success(), "a child of the 4x16 run");
         let mut f = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
         tps += f.next().unwrap();
         cpu += f.next().unwrap() / 4.0;
@@ -574,11 +647,11 @@ async fn main() {
     .unwrap();
     println!("PostgreSQL settings: {settings:?}");
     println!(
-        "{secs} s per measurement, modes interleaved L H N Q O L H N Q O; medians of {rounds} rounds; each transaction = UPDATE + {EVENTS} events"
+        "{secs} s per measurement, modes interleaved L H N Q O K, L H N Q O K, …; medians of {rounds} rounds; each transaction = UPDATE + {EVENTS} events"
     );
     println!();
     println!(
-        "{:>4} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>6} | {:>17} {:>17} | {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
+        "{:>4} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>6} | {:>17} {:>17} | {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6} {:>6} | {:>7} {:>6} {:>17} {:>6} {:>6}",
         "C",
         "L tx/s",
         "H tx/s",
@@ -597,7 +670,13 @@ async fn main() {
         "O µs",
         "L srv",
         "H srv",
+        "Q srv",
         "O srv",
+        "K tx/s",
+        "K/L",
+        "K/L paired",
+        "K µs",
+        "K srv",
     );
     let only_claims = std::env::var("JOURNALED_BENCH_ONLY_CLAIMS").is_ok()
         || std::env::var("JOURNALED_BENCH_PROFILE").is_ok();
@@ -620,10 +699,15 @@ async fn main() {
             .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
         format!("{:.3} ({lo:.2}–{hi:.2})", median(r))
     };
-    for connections in [1usize, 4, 16, 64].into_iter().filter(|_| !only_claims) {
-        let mut tps: [Vec<f64>; 5] = Default::default();
-        let mut cpu: [Vec<f64>; 5] = Default::default();
-        let mut srv: [Vec<f64>; 5] = Default::default();
+    // Some sizes only, e.g. JOURNALED_BENCH_CONNECTIONS=16,4x16.
+    let sizes = Sizes(std::env::var("JOURNALED_BENCH_CONNECTIONS").ok());
+    for connections in [1usize, 4, 16, 64]
+        .into_iter()
+        .filter(|c| !only_claims && sizes.chosen(&c.to_string()))
+    {
+        let mut tps: [Vec<f64>; 6] = Default::default();
+        let mut cpu: [Vec<f64>; 6] = Default::default();
+        let mut srv: [Vec<f64>; 6] = Default::default();
         for _round in 0..rounds {
             for (k, mode) in [
                 Mode::Library,
@@ -631,13 +715,14 @@ async fn main() {
                 Mode::HandNotify,
                 Mode::LibraryQuiet,
                 Mode::Ordered,
+                Mode::OrderedKnown,
             ]
             .into_iter()
             .enumerate()
             .filter(|(_, mode)| chosen(*mode))
             {
                 quiesce(&admin).await;
-                let m = measure(mode, connections, secs, &url).await;
+                let m = measure(mode, connections, secs, &url, false).await;
                 tps[k].push(m.tps);
                 cpu[k].push(m.cpu_us_per_tx);
                 srv[k].push(m.server_us_per_tx);
@@ -645,49 +730,59 @@ async fn main() {
         }
         let pl = paired(&tps[0], &tps[1]);
         let po = paired(&tps[4], &tps[0]);
-        let [l, h, n, q, o] = tps.map(median);
-        let [lc, hc, _, qc, oc] = cpu.map(median);
-        let [ls, hs, _, _, os] = srv.map(median);
+        let pk = paired(&tps[5], &tps[0]);
+        let [l, h, n, q, o, k] = tps.map(median);
+        let [lc, hc, _, qc, oc, kc] = cpu.map(median);
+        let [ls, hs, _, qs, os, ks] = srv.map(median);
         println!(
-            "{connections:>4} | {l:>7.0} {h:>7.0} {n:>7.0} {q:>7.0} {o:>7.0} | {:>6.3} {:>6.3} {:>6.3} {:>6.3} | {pl:>17} {po:>17} | {lc:>6.0} {hc:>6.0} {qc:>6.0} {oc:>6.0} | {ls:>6.0} {hs:>6.0} {os:>6.0}",
+            "{connections:>4} | {l:>7.0} {h:>7.0} {n:>7.0} {q:>7.0} {o:>7.0} | {:>6.3} {:>6.3} {:>6.3} {:>6.3} | {pl:>17} {po:>17} | {lc:>6.0} {hc:>6.0} {qc:>6.0} {oc:>6.0} | {ls:>6.0} {hs:>6.0} {qs:>6.0} {os:>6.0} | {k:>7.0} {:>6.3} {pk:>17} {kc:>6.0} {ks:>6.0}",
             l / h,
             n / h,
             q / h,
-            o / l
+            o / l,
+            k / l,
         );
     }
-    let mut l4 = Vec::new();
-    let mut h4 = Vec::new();
-    let processes_too = !only_claims && chosen(Mode::Library) && chosen(Mode::Hand);
+    // 4 processes x 16 connections: L, H and (if chosen) Q, interleaved.
+    let processes_too =
+        !only_claims && chosen(Mode::Library) && chosen(Mode::Hand) && sizes.chosen("4x16");
+    let quiet_too = chosen(Mode::LibraryQuiet);
+    let (mut l4, mut h4, mut q4) = (Vec::new(), Vec::new(), Vec::new());
     for _round in (0..rounds.max(2)).filter(|_| processes_too) {
         quiesce(&admin).await;
         l4.push(processes(Mode::Library, secs));
         quiesce(&admin).await;
         h4.push(processes(Mode::Hand, secs));
+        if quiet_too {
+            quiesce(&admin).await;
+            q4.push(processes(Mode::LibraryQuiet, secs));
+        }
     }
     if processes_too {
         let col = |ms: &[Measured], f: fn(&Measured) -> f64| median(ms.iter().map(f).collect());
-        let (l, h) = (col(&l4, |m| m.tps), col(&h4, |m| m.tps));
-        let pl = paired(
-            &l4.iter().map(|m| m.tps).collect::<Vec<_>>(),
-            &h4.iter().map(|m| m.tps).collect::<Vec<_>>(),
+        let tps = |ms: &[Measured]| ms.iter().map(|m| m.tps).collect::<Vec<_>>();
+        let (l, h, q) = (
+            col(&l4, |m| m.tps),
+            col(&h4, |m| m.tps),
+            col(&q4, |m| m.tps),
         );
+        let pl = paired(&tps(&l4), &tps(&h4));
         println!(
-            "4x16 | {l:>7.0} {h:>7.0} {:>7} {:>7} {:>7} | {:>6.3} {:>6} {:>6} {:>6} | {pl:>17} {:>17} | {:>6.0} {:>6.0} {:>6} {:>6} | {:>6.0} {:>6.0} {:>6}   (4 processes x 16 connections)",
-            "-",
+            "4x16 | {l:>7.0} {h:>7.0} {:>7} {q:>7.0} {:>7} | {:>6.3} {:>6} {:>6.3} {:>6} | {pl:>17} {:>17} | {:>6.0} {:>6.0} {:>6.0} {:>6} | {:>6.0} {:>6.0} {:>6.0} {:>6}   (4 processes x 16 connections)",
             "-",
             "-",
             l / h,
             "-",
-            "-",
+            q / h,
             "-",
             "-",
             col(&l4, |m| m.cpu_us_per_tx),
             col(&h4, |m| m.cpu_us_per_tx),
-            "-",
+            col(&q4, |m| m.cpu_us_per_tx),
             "-",
             col(&l4, |m| m.server_us_per_tx),
             col(&h4, |m| m.server_us_per_tx),
+            col(&q4, |m| m.server_us_per_tx),
             "-",
         );
     }
@@ -695,7 +790,7 @@ async fn main() {
     if let Ok(spec) = std::env::var("JOURNALED_BENCH_PROFILE") {
         // One mode alone, for a profiler: e.g. JOURNALED_BENCH_PROFILE=L,1,10
         child(&spec, &url).await;
-    } else if modes.is_none() {
+    } else if modes.is_none() && sizes.0.is_none() {
         claims(&admin).await;
     }
 

@@ -58,7 +58,7 @@ pub(crate) fn record(events: &[Prepared]) {
             partition_key: e.partition_key.clone(),
             priority: e.priority,
             run_at: crate::event::resolve(e.run_at, OffsetDateTime::now_utc()),
-            data: serde_json::from_str(&e.data).expect("the record is JSON"),
+            data: serde_json::from_str(&e.published_data()).expect("the record is JSON"),
         }));
     });
 }

@@ -37,13 +37,14 @@ impl Shared {
             return;
         }
         for event in events {
+            let data = event.published_data();
             let enqueued = Enqueued {
                 event_id: event.id,
                 event_type: event.event_type,
                 stream: &event.stream,
                 partition_key: &event.partition_key,
                 priority: event.priority,
-                data: &event.data,
+                data: &data,
             };
             for subscriber in &subscribers {
                 // The COMMIT happened: a panicking subscriber must not make `commit()` look
@@ -567,30 +568,20 @@ async fn insert_taking_sequences<DB: Backend>(
         .map(|(k, (stream, key, _))| ((stream.as_str(), key.as_str()), k))
         .collect();
     let mut taken = vec![0i64; keys.len()];
-    let mut slot_of: Vec<Option<(i64, i64)>> = Vec::with_capacity(staged.len());
+    let mut slots: Vec<Option<(usize, i64)>> = Vec::with_capacity(staged.len());
     for event in staged.iter() {
-        slot_of.push(event.ordered.then(|| {
+        slots.push(event.ordered.then(|| {
             let k = index[&(event.stream.as_str(), event.partition_key.as_str())];
             taken[k] += 1;
-            (k as i64, taken[k])
+            (k, taken[k])
         }));
     }
     drop(index);
-    for event in staged.iter_mut().filter(|e| e.ordered) {
-        event.mark_sequence();
-    }
-    let (jobs, members) = store::records::group_with_members(staged);
-    // Each ordered record holds two placeholders: in its record, then in its envelope.
-    let slots: Vec<(i64, i64)> = members
-        .iter()
-        .flatten()
-        .filter_map(|&i| slot_of[i])
-        .flat_map(|slot| [slot, slot])
-        .collect();
-    let (ids, bases) = DB::insert_jobs_taking_sequences(conn, &keys, &jobs, &slots).await?;
-    for (event, slot) in staged.iter_mut().zip(slot_of) {
+    let (jobs, job_keys) = store::records::group_taking_sequences(staged, &slots, keys.len());
+    let (ids, bases) = DB::insert_jobs_taking_sequences(conn, &keys, &jobs, &job_keys).await?;
+    for (event, slot) in staged.iter_mut().zip(slots) {
         if let Some((k, n)) = slot {
-            event.set_sequence(bases[k as usize] + n);
+            event.sequence = Some(bases[k] + n);
         }
     }
     Ok(Some((jobs, ids)))

@@ -115,6 +115,7 @@ pub(crate) struct Prepared {
     pub partition_key: String,
     /// The exact JSON bytes that will be published: the value the schemas validated is this
     /// text as parsed, or the same event serialized straight into a value (see [`Event`]).
+    /// An ordered event's sequence is not in it: see [`published_data`](Self::published_data).
     pub data: String,
     pub priority: i32,
     /// Resolved when the job is written, so that events with the same delay share a job.
@@ -136,40 +137,24 @@ pub(crate) const SEQUENCE_ROOM: usize = 32;
 pub(crate) const SEQUENCE_PLACEHOLDER: char = '\u{1}';
 
 /// The prefix of a sequence in an envelope or a stored record.
-const SEQUENCE_KEY: &str = ",\"sequence\":";
-
-/// A sequence not taken yet, as written in an envelope or a stored record.
-pub(crate) const SEQUENCE_MARK: &str = ",\"sequence\":\u{1}";
+pub(crate) const SEQUENCE_KEY: &str = ",\"sequence\":";
 
 impl Prepared {
-    /// Puts the sequence taken at commit into the envelope, right after `created_at` (in place
-    /// of the placeholder, if [`mark_sequence`](Self::mark_sequence) put one there).
-    pub(crate) fn set_sequence(&mut self, sequence: i64) {
-        debug_assert!(self.ordered && self.sequence.is_none());
-        if self.sequence_pending() {
-            let at = self.splice_at + SEQUENCE_KEY.len();
-            let mut digits = [0; 20];
-            let digits = crate::store::decimal(sequence, &mut digits);
-            self.data
-                .replace_range(at..at + SEQUENCE_PLACEHOLDER.len_utf8(), digits);
-        } else {
-            self.data
-                .insert_str(self.splice_at, &format!("{SEQUENCE_KEY}{sequence}"));
+    /// The event's JSON as published: with its sequence in the envelope, right after
+    /// `created_at`, once one is taken. (`data` never holds it: the job's records are written
+    /// with it, or with a placeholder for it, around `data`.)
+    pub(crate) fn published_data(&self) -> std::borrow::Cow<'_, str> {
+        match self.sequence {
+            Some(sequence) if self.ordered => {
+                let mut out = String::with_capacity(self.data.len() + SEQUENCE_ROOM);
+                out.push_str(&self.data[..self.splice_at]);
+                out.push_str(SEQUENCE_KEY);
+                crate::store::push_decimal(&mut out, sequence);
+                out.push_str(&self.data[self.splice_at..]);
+                out.into()
+            }
+            _ => self.data.as_str().into(),
         }
-        self.sequence = Some(sequence);
-    }
-
-    /// Puts a placeholder where the sequence goes; [`set_sequence`](Self::set_sequence) replaces it.
-    pub(crate) fn mark_sequence(&mut self) {
-        debug_assert!(self.ordered && self.sequence.is_none());
-        self.data.insert_str(self.splice_at, SEQUENCE_MARK);
-    }
-
-    /// Whether its envelope holds a placeholder for its sequence.
-    pub(crate) fn sequence_pending(&self) -> bool {
-        self.ordered
-            && self.sequence.is_none()
-            && self.data[self.splice_at..].starts_with(SEQUENCE_MARK)
     }
 }
 

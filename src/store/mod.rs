@@ -23,10 +23,10 @@ macro_rules! impl_backend {
                 conn: &'c mut $conn,
                 keys: &'c [(String, String, i64)],
                 jobs: &'c [$crate::store::NewJob],
-                slots: &'c [(i64, i64)],
+                job_keys: &'c [Vec<i64>],
             ) -> $crate::store::BoxFuture<'c, Result<$crate::store::JobsAndBases, $crate::Error>>
             {
-                Box::pin(insert_jobs_taking_sequences(conn, keys, jobs, slots))
+                Box::pin(insert_jobs_taking_sequences(conn, keys, jobs, job_keys))
             }
             fn key_positions<'a>(
                 pool: &'a $pool,
@@ -479,21 +479,21 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// Takes `count` sequences for each (stream, partition key, count) of `keys`, in the
     /// caller's transaction (keys locked in the order given: sort them, so that writers lock
     /// keys in one order and never deadlock), and inserts `jobs` in the same statement, one
-    /// round trip. The jobs' records hold
-    /// [`SEQUENCE_PLACEHOLDER`](crate::event::SEQUENCE_PLACEHOLDER)s, the `i`th of which (across
-    /// the jobs, in order) stands for `slots[i] = (key index, n)`: that key's `n`th sequence
-    /// taken now. Returns the job ids and, per key, the sequence before the first taken.
+    /// round trip. The jobs' records hold placeholders: U+0001, `k`, `.`, `n`, U+0001 stands
+    /// for the `n`th sequence taken now of the job's own key number `k`, which is key number
+    /// `job_keys[job][k]` of `keys` (see [`records::group_taking_sequences`]). Returns the job
+    /// ids and, per key, the sequence before the first taken.
     ///
-    /// PostgreSQL stores each job with its placeholders described (see
-    /// [`describe_placeholders`]) and its keys' bases beside them, and fills them when the job is
-    /// read: splicing numbers into the text inside the writer's statement cost a third of the
-    /// commit throughput at 16 connections. SQLite takes two statements and stores the records
-    /// filled: it is in-process, there is no round trip to save.
+    /// PostgreSQL stores each job as it is with its own keys' bases beside it, and fills the
+    /// placeholders when the job is read (see [`fill_sequences`]): splicing numbers into the
+    /// text inside the writer's statement cost a third of the commit throughput at 16
+    /// connections. SQLite takes two statements and stores the records filled: it is
+    /// in-process, there is no round trip to save.
     fn insert_jobs_taking_sequences<'c>(
         conn: &'c mut Self::Connection,
         keys: &'c [(String, String, i64)],
         jobs: &'c [NewJob],
-        slots: &'c [(i64, i64)],
+        job_keys: &'c [Vec<i64>],
     ) -> BoxFuture<'c, Result<JobsAndBases, Error>>;
 
     /// Where each ordered (stream, key) stands, in order: its last delivered sequence (0 when
@@ -654,54 +654,6 @@ pub async fn retry<DB: Backend>(pool: &sqlx::Pool<DB>, job: Option<JobId>) -> Re
     DB::retry(pool, job).await
 }
 
-/// The jobs' records with each bare sequence placeholder (the `i`th across the jobs, in order,
-/// is that of `slots[i] = (key index, n)`) rewritten to say which sequence it stands for:
-/// U+0001, the key's index among the job's own keys, `.`, `n`, U+0001. Returns them with each
-/// job's own keys (indices into the transaction's keys, in first-appearance order), so that a
-/// job carries the sequence bases of its own keys only, however many the transaction has.
-pub(crate) fn describe_placeholders(
-    jobs: &[NewJob],
-    slots: &[(i64, i64)],
-    key_count: usize,
-) -> Result<(Vec<String>, Vec<Vec<i64>>), Error> {
-    let p = crate::event::SEQUENCE_PLACEHOLDER;
-    let mut slots = slots.iter();
-    // Per transaction key: the last job that named it, and its index among that job's keys.
-    let mut own: Vec<(usize, usize)> = vec![(usize::MAX, 0); key_count];
-    let mut described = Vec::with_capacity(jobs.len());
-    let mut job_keys = Vec::with_capacity(jobs.len());
-    for (j, job) in jobs.iter().enumerate() {
-        let mut records = String::with_capacity(job.records.len() + 64);
-        let mut keys: Vec<i64> = Vec::new();
-        let mut parts = job.records.split(p).peekable();
-        while let Some(piece) = parts.next() {
-            records.push_str(piece);
-            if parts.peek().is_some() {
-                let &(k, n) = slots.next().ok_or_else(placeholders_mismatch)?;
-                let entry = usize::try_from(k)
-                    .ok()
-                    .and_then(|k| own.get_mut(k))
-                    .ok_or_else(placeholders_mismatch)?;
-                if entry.0 != j {
-                    *entry = (j, keys.len());
-                    keys.push(k);
-                }
-                records.push(p);
-                push_decimal(&mut records, entry.1 as i64);
-                records.push('.');
-                push_decimal(&mut records, n);
-                records.push(p);
-            }
-        }
-        described.push(records);
-        job_keys.push(keys);
-    }
-    if slots.next().is_some() {
-        return Err(placeholders_mismatch());
-    }
-    Ok((described, job_keys))
-}
-
 /// Appends `value` in decimal, without the formatting machinery (`write!` was a third of the
 /// cost of describing a transaction's placeholders).
 pub(crate) fn push_decimal(out: &mut String, value: i64) {
@@ -727,8 +679,8 @@ pub(crate) fn decimal(value: i64, digits: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&digits[at..]).expect("ASCII digits")
 }
 
-/// Fills a job's described placeholders (see [`describe_placeholders`]): `k.n` becomes
-/// `bases[k] + n`. The message says what is wrong with a placeholder that cannot be filled.
+/// Fills a job's sequence placeholders (see [`Backend::insert_jobs_taking_sequences`]): `k.n`
+/// becomes `bases[k] + n`. The message says what is wrong with a placeholder that cannot be filled.
 pub fn fill_sequences(records: &str, bases: &[i64]) -> Result<String, String> {
     let p = crate::event::SEQUENCE_PLACEHOLDER;
     let mut filled = String::with_capacity(records.len());
@@ -769,13 +721,6 @@ pub(crate) fn with_sequences(records: String, bases: Option<Vec<i64>>) -> String
     }
 }
 
-/// The jobs' sequence placeholders and the sequences asked for disagree (a bug, not input).
-pub(crate) fn placeholders_mismatch() -> Error {
-    Error::Database(sqlx::Error::Protocol(
-        "the jobs' sequence placeholders do not match the sequences asked for".into(),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,44 +735,12 @@ mod tests {
         }
     }
 
-    fn job(records: &str) -> NewJob {
-        NewJob {
-            priority: 20,
-            run_at: None,
-            delay: None,
-            event_count: 1,
-            bytes: records.len() as i32,
-            records: records.to_owned(),
-        }
-    }
-
     #[test]
-    fn placeholders_name_their_jobs_own_keys_and_fill_in_order() {
+    fn placeholders_fill_from_their_jobs_own_bases() {
         let p = crate::event::SEQUENCE_PLACEHOLDER;
-        let jobs = [job(&format!("a{p}b{p}c{p}")), job(&format!("d{p}e{p}"))];
-        // Keys 2 and 0 in the first job, key 0 again in the second: its own key 0.
-        let slots = [(2, 1), (2, 1), (0, 4), (0, 5), (0, 5)];
-        let (records, keys) = describe_placeholders(&jobs, &slots, 3).unwrap();
-        assert_eq!(records[0], format!("a{p}0.1{p}b{p}0.1{p}c{p}1.4{p}"));
-        assert_eq!(records[1], format!("d{p}0.5{p}e{p}0.5{p}"));
-        assert_eq!(keys, vec![vec![2, 0], vec![0]]);
-        assert_eq!(fill_sequences(&records[0], &[40, 10]).unwrap(), "a41b41c14");
-        assert_eq!(fill_sequences(&records[1], &[10]).unwrap(), "d15e15");
+        let records = format!("a{p}0.1{p}b{p}0.1{p}c{p}1.4{p}");
+        assert_eq!(fill_sequences(&records, &[40, 10]).unwrap(), "a41b41c14");
         assert_eq!(fill_sequences("plain", &[]).unwrap(), "plain");
-    }
-
-    #[test]
-    fn placeholders_and_sequences_that_disagree_are_an_error() {
-        let p = crate::event::SEQUENCE_PLACEHOLDER;
-        let jobs = [job(&format!("a{p}b{p}"))];
-        for slots in [
-            vec![(0, 1)],                 // too few
-            vec![(0, 1), (0, 1), (0, 2)], // too many
-            vec![(0, 1), (3, 1)],         // no such key
-        ] {
-            let err = describe_placeholders(&jobs, &slots, 1).unwrap_err();
-            assert!(err.to_string().contains("placeholders"), "{err}");
-        }
     }
 
     #[test]

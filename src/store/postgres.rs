@@ -175,17 +175,16 @@ fn remember_key(stream: &str, key: &str) {
 }
 
 /// One statement: upsert the keys' sequence rows (locked in the order given), then insert the
-/// jobs with their placeholders described and each job's keys' bases beside them (filled when
-/// the job is read: see [`Backend::insert_jobs_taking_sequences`]); returns the jobs' ids and
-/// each key's base.
+/// jobs with their placeholders and each job's own keys' bases beside them (filled when the job
+/// is read: see [`Backend::insert_jobs_taking_sequences`]); returns the jobs' ids and each
+/// key's base.
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len(), ordered_keys = keys.len()), err)]
 async fn insert_jobs_taking_sequences(
     conn: &mut PgConnection,
     keys: &[(String, String, i64)],
     jobs: &[NewJob],
-    slots: &[(i64, i64)],
+    job_keys: &[Vec<i64>],
 ) -> Result<(Vec<JobId>, Vec<i64>), Error> {
-    let (records, job_keys) = super::describe_placeholders(jobs, slots, keys.len())?;
     let mut rows: Vec<(i64, Vec<i64>)> = Vec::new();
     if let ([(stream, key, count)], [job]) = (keys, jobs) {
         // The usual transaction, one job and one key: the plainest statements, which cost
@@ -220,8 +219,8 @@ async fn insert_jobs_taking_sequences(
             .bind(job.run_at)
             .bind(job.delay.map(|d| d.as_secs_f64()))
             .bind(job.event_count)
-            .bind(records[0].len() as i32)
-            .bind(&records[0])
+            .bind(job.bytes)
+            .bind(&job.records)
             .fetch_all(&mut *conn)
             .await
             .map_err(db_error)?;
@@ -234,7 +233,8 @@ async fn insert_jobs_taking_sequences(
         let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
         let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
         let (priorities, run_ats, delays, event_counts) = job_columns(jobs);
-        let bytes: Vec<i32> = records.iter().map(|r| r.len() as i32).collect();
+        let bytes: Vec<i32> = jobs.iter().map(|j| j.bytes).collect();
+        let records: Vec<&str> = jobs.iter().map(|j| j.records.as_str()).collect();
         // Each job's own keys, flattened: (job, key), both 1-based.
         let (own_jobs, own_keys): (Vec<i32>, Vec<i64>) = job_keys
             .iter()

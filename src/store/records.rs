@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::NewJob;
-use crate::event::{EventId, Prepared, RunAt};
+use crate::event::{EventId, Prepared, RunAt, SEQUENCE_ROOM};
 
 /// One event as stored in a job: where it goes and its exact bytes.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -37,6 +37,7 @@ impl StoredRecord {
 ///
 /// Every commit pays this once per record, so it writes into one buffer sized up front, with
 /// no allocation per record.
+#[cfg(any(feature = "worker", test))]
 pub(crate) fn encode_parts<'a>(
     parts: impl IntoIterator<Item = (EventId, &'a str, &'a str, &'a str, Option<i64>)>,
 ) -> String {
@@ -51,29 +52,68 @@ pub(crate) fn encode_parts<'a>(
         if i > 0 {
             out.push(',');
         }
-        out.push_str("{\"id\":\"");
-        out.push_str(
-            id.0.hyphenated()
-                .encode_lower(&mut uuid::Uuid::encode_buffer()),
-        );
-        out.push_str("\",\"stream\":");
-        push_json_string(&mut out, stream);
-        out.push_str(",\"partition_key\":");
-        push_json_string(&mut out, partition_key);
-        match sequence {
-            Some(PENDING_SEQUENCE) => out.push_str(crate::event::SEQUENCE_MARK),
-            Some(sequence) => {
-                out.push_str(",\"sequence\":");
-                super::push_decimal(&mut out, sequence);
-            }
-            None => {}
-        }
-        out.push_str(",\"data\":");
+        let sequence = sequence.map_or(Sequence::None, Sequence::Taken);
+        push_record_head(&mut out, id, stream, partition_key, sequence);
         out.push_str(data);
         out.push('}');
     }
     out.push(']');
     out
+}
+
+/// An event's sequence, as its job's records are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sequence {
+    /// Not ordered.
+    None,
+    Taken(i64),
+    /// The `n`th sequence of the job's own key number `key`, taken by the statement that writes
+    /// the job: a placeholder that describes it (see [`Backend::insert_jobs_taking_sequences`](super::Backend::insert_jobs_taking_sequences)).
+    Pending {
+        key: usize,
+        n: i64,
+    },
+}
+
+/// `,"sequence":` and the sequence (or its placeholder); nothing for [`Sequence::None`].
+fn push_sequence(out: &mut String, sequence: Sequence) {
+    let p = crate::event::SEQUENCE_PLACEHOLDER;
+    match sequence {
+        Sequence::None => {}
+        Sequence::Taken(sequence) => {
+            out.push_str(crate::event::SEQUENCE_KEY);
+            super::push_decimal(out, sequence);
+        }
+        Sequence::Pending { key, n } => {
+            out.push_str(crate::event::SEQUENCE_KEY);
+            out.push(p);
+            super::push_decimal(out, key as i64);
+            out.push('.');
+            super::push_decimal(out, n);
+            out.push(p);
+        }
+    }
+}
+
+/// A record up to its data: `{"id":…,"stream":…,"partition_key":…[,"sequence":…],"data":`.
+fn push_record_head(
+    out: &mut String,
+    id: EventId,
+    stream: &str,
+    partition_key: &str,
+    sequence: Sequence,
+) {
+    out.push_str("{\"id\":\"");
+    out.push_str(
+        id.0.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+    out.push_str("\",\"stream\":");
+    push_json_string(out, stream);
+    out.push_str(",\"partition_key\":");
+    push_json_string(out, partition_key);
+    push_sequence(out, sequence);
+    out.push_str(",\"data\":");
 }
 
 /// The text every record of (stream, partition key) holds in the `records` column, as
@@ -98,25 +138,36 @@ fn push_json_string(out: &mut String, text: &str) {
     }
 }
 
-/// A sequence not taken yet: written as the placeholder (sequences start at 1).
-const PENDING_SEQUENCE: i64 = i64::MIN;
-
-/// Encodes staged events into the `records` column format (an event whose sequence is pending
-/// gets the placeholder in its record too).
-pub(crate) fn encode_records<'a>(events: impl IntoIterator<Item = &'a Prepared>) -> String {
-    encode_parts(events.into_iter().map(|e| {
-        (
-            e.id,
-            e.stream.as_str(),
-            e.partition_key.as_str(),
-            e.data.as_str(),
-            if e.sequence_pending() {
-                Some(PENDING_SEQUENCE)
-            } else {
-                e.sequence
-            },
-        )
-    }))
+/// Encodes staged events into the `records` column format, `sequence_of(i)` being the
+/// sequence of `events[i]`. An ordered event's sequence goes in its record and in its envelope
+/// (right after `created_at`), written here: its `data` never holds it.
+fn encode_staged(events: &[&Prepared], sequence_of: impl Fn(usize) -> Sequence) -> String {
+    let capacity = 2 + events
+        .iter()
+        .map(|e| {
+            let sequence = if e.ordered { 2 * SEQUENCE_ROOM } else { 0 };
+            112 + e.stream.len() + e.partition_key.len() + e.data.len() + sequence
+        })
+        .sum::<usize>();
+    let mut out = String::with_capacity(capacity);
+    out.push('[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let sequence = sequence_of(i);
+        push_record_head(&mut out, e.id, &e.stream, &e.partition_key, sequence);
+        if sequence == Sequence::None {
+            out.push_str(&e.data);
+        } else {
+            out.push_str(&e.data[..e.splice_at]);
+            push_sequence(&mut out, sequence);
+            out.push_str(&e.data[e.splice_at..]);
+        }
+        out.push('}');
+    }
+    out.push(']');
+    out
 }
 
 #[cfg(feature = "worker")]
@@ -159,11 +210,21 @@ pub const MAX_JOB_BYTES: usize = 5 * 1024 * 1024;
 /// passed to the database, which adds it to its own clock: events with the same delay share a
 /// job, and no application clock is compared with the database's.
 pub(crate) fn group(staged: &[Prepared]) -> Vec<NewJob> {
-    group_with_members(staged).0
+    group_taking_sequences(staged, &[], 0).0
 }
 
-/// [`group`], and which of `staged` each job holds, in order.
-pub(crate) fn group_with_members(staged: &[Prepared]) -> (Vec<NewJob>, Vec<Vec<usize>>) {
+/// [`group`], for events some of which take sequences in the statement that writes the jobs:
+/// `slots[i]` is `Some((key, n))` when `staged[i]` takes the `n`th sequence of the
+/// transaction's key number `key` (of `key_count`). Their records hold placeholders naming
+/// the job's own keys (see [`Backend::insert_jobs_taking_sequences`](super::Backend::insert_jobs_taking_sequences));
+/// returns the jobs with, for each, its own keys (numbers of the transaction's keys, in order
+/// of first appearance), so that a job carries the bases of its own keys only, however many
+/// the transaction has.
+pub(crate) fn group_taking_sequences(
+    staged: &[Prepared],
+    slots: &[Option<(usize, i64)>],
+    key_count: usize,
+) -> (Vec<NewJob>, Vec<Vec<i64>>) {
     let mut groups: Vec<(i32, Option<RunAt>, Vec<usize>)> = Vec::new();
     for (i, event) in staged.iter().enumerate() {
         match groups
@@ -174,8 +235,10 @@ pub(crate) fn group_with_members(staged: &[Prepared]) -> (Vec<NewJob>, Vec<Vec<u
             None => groups.push((event.priority, event.run_at, vec![i])),
         }
     }
+    // Per transaction key: the last job that named it, and its number among that job's keys.
+    let mut own: Vec<(usize, usize)> = vec![(usize::MAX, 0); key_count];
     let mut jobs = Vec::with_capacity(groups.len());
-    let mut members = Vec::with_capacity(groups.len());
+    let mut job_keys = Vec::with_capacity(groups.len());
     for (priority, run_at, indices) in groups {
         let events: Vec<&Prepared> = indices.iter().map(|&i| &staged[i]).collect();
         let mut start = 0;
@@ -183,16 +246,36 @@ pub(crate) fn group_with_members(staged: &[Prepared]) -> (Vec<NewJob>, Vec<Vec<u
             let mut end = start;
             let mut bytes = 0;
             while end < events.len() && end - start < MAX_JOB_RECORDS {
-                let size = events[end].data.len() + events[end].partition_key.len();
+                let e = events[end];
+                let sequence = if e.ordered { SEQUENCE_ROOM } else { 0 };
+                let size = e.data.len() + e.partition_key.len() + sequence;
                 if end > start && bytes + size > MAX_JOB_BYTES {
                     break;
                 }
                 bytes += size;
                 end += 1;
             }
+            let job = jobs.len();
+            let mut keys = Vec::new();
+            let sequences: Vec<Sequence> = indices[start..end]
+                .iter()
+                .map(
+                    |&i| match (slots.get(i).copied().flatten(), staged[i].sequence) {
+                        (Some((key, n)), _) => {
+                            let entry = &mut own[key];
+                            if entry.0 != job {
+                                *entry = (job, keys.len());
+                                keys.push(key as i64);
+                            }
+                            Sequence::Pending { key: entry.1, n }
+                        }
+                        (None, Some(sequence)) => Sequence::Taken(sequence),
+                        (None, None) => Sequence::None,
+                    },
+                )
+                .collect();
             let chunk = &events[start..end];
-            members.push(indices[start..end].to_vec());
-            let records = encode_records(chunk.iter().copied());
+            let records = encode_staged(chunk, |i| sequences[i]);
             jobs.push(NewJob {
                 priority,
                 run_at: match run_at {
@@ -207,10 +290,11 @@ pub(crate) fn group_with_members(staged: &[Prepared]) -> (Vec<NewJob>, Vec<Vec<u
                 bytes: records.len() as i32,
                 records,
             });
+            job_keys.push(keys);
             start = end;
         }
     }
-    (jobs, members)
+    (jobs, job_keys)
 }
 
 #[cfg(test)]
@@ -244,6 +328,81 @@ mod tests {
         assert_eq!(encode_parts(std::iter::empty()), "[]");
         let two = encode_parts([(id, "s", "a", "{}", None), (id, "s", "b", "{}", Some(1))]);
         assert_eq!(decode_records(&two).unwrap().len(), 2);
+    }
+
+    fn staged(key: &str, priority: i32, ordered: bool) -> Prepared {
+        let data = r#"{"id":"x","created_at":"t","n":1}"#.to_owned();
+        Prepared {
+            id: EventId::new(),
+            event_type: "e",
+            stream: "s".into(),
+            partition_key: key.into(),
+            splice_at: data.find(",\"n\"").unwrap(),
+            data,
+            priority,
+            run_at: None,
+            ordered,
+            sequence: None,
+        }
+    }
+
+    #[test]
+    fn sequences_are_written_as_placeholders_naming_their_jobs_own_keys() {
+        let p = crate::event::SEQUENCE_PLACEHOLDER;
+        // Transaction keys: 0 = "a", 1 = "b", 2 = "c". Job 1 (priority 20) holds c then a;
+        // job 2 (priority 10) holds a again and an unordered event.
+        let mut events = vec![
+            staged("c", 20, true),
+            staged("a", 20, true),
+            staged("a", 10, true),
+            staged("u", 10, false),
+            staged("c", 20, true),
+        ];
+        let slots = [Some((2, 1)), Some((0, 4)), Some((0, 5)), None, Some((2, 2))];
+        let (jobs, keys) = group_taking_sequences(&events, &slots, 3);
+        assert_eq!(keys, vec![vec![2, 0], vec![0]]);
+        assert!(
+            jobs[0]
+                .records
+                .contains(&format!("\"sequence\":{p}1.4{p},\"data\"")),
+            "{}",
+            jobs[0].records
+        );
+        assert!(
+            jobs[1]
+                .records
+                .contains(&format!("\"t\",\"sequence\":{p}0.5{p},\"n\""))
+        );
+        // Filled with the bases of each job's own keys, they decode as published.
+        let filled = [
+            super::super::fill_sequences(&jobs[0].records, &[40, 10]).unwrap(),
+            super::super::fill_sequences(&jobs[1].records, &[10]).unwrap(),
+        ];
+        for (event, sequence) in events.iter_mut().zip([41, 14, 15, 0, 42]) {
+            event.sequence = event.ordered.then_some(sequence);
+        }
+        let decoded: Vec<StoredRecord> = filled
+            .iter()
+            .flat_map(|r| decode_records(r).unwrap())
+            .collect();
+        let order = [0, 1, 4, 2, 3];
+        for (record, &i) in decoded.iter().zip(&order) {
+            let event = &events[i];
+            assert_eq!(record.id, event.id);
+            assert_eq!(record.sequence, event.sequence);
+            assert_eq!(record.data.get(), event.published_data());
+        }
+        assert_eq!(
+            events[0].published_data(),
+            r#"{"id":"x","created_at":"t","sequence":41,"n":1}"#
+        );
+        assert_eq!(events[3].published_data(), events[3].data);
+        // Without sequences, jobs are grouped as before: the same records, no placeholders.
+        let plain = group(&events[3..4]);
+        assert_eq!(
+            plain[0].records,
+            encode_parts([(events[3].id, "s", "u", events[3].data.as_str(), None)])
+        );
     }
 
     #[test]

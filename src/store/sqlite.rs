@@ -678,15 +678,14 @@ async fn insert_jobs_taking_sequences(
     conn: &mut SqliteConnection,
     keys: &[(String, String, i64)],
     jobs: &[NewJob],
-    slots: &[(i64, i64)],
+    job_keys: &[Vec<i64>],
 ) -> Result<(Vec<JobId>, Vec<i64>), Error> {
     let last = take_sequences(conn, keys).await?;
     let bases: Vec<i64> = last.iter().zip(keys).map(|(last, k)| last - k.2).collect();
-    let (records, job_keys) = super::describe_placeholders(jobs, slots, keys.len())?;
     let mut filled = Vec::with_capacity(jobs.len());
-    for ((job, records), own) in jobs.iter().zip(records).zip(job_keys) {
+    for (job, own) in jobs.iter().zip(job_keys) {
         let own: Vec<i64> = own.iter().map(|&k| bases[k as usize]).collect();
-        let records = super::fill_sequences(&records, &own)
+        let records = super::fill_sequences(&job.records, &own)
             .map_err(|message| Error::Database(sqlx::Error::Protocol(message)))?;
         filled.push(NewJob {
             priority: job.priority,
