@@ -135,7 +135,7 @@ macro_rules! one_job_from_taken {
         "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
          SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
          FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
-         RETURNING id, sequence_bases"
+         RETURNING id, sequence_bases[1]"
     };
 }
 
@@ -185,7 +185,6 @@ async fn insert_jobs_taking_sequences(
     jobs: &[NewJob],
     job_keys: &[Vec<i64>],
 ) -> Result<(Vec<JobId>, Vec<i64>), Error> {
-    let mut rows: Vec<(i64, Vec<i64>)> = Vec::new();
     if let ([(stream, key, count)], [job]) = (keys, jobs) {
         // The usual transaction, one job and one key: the plainest statements, which cost
         // writers little more than the job's INSERT alone. A key this process has seen take
@@ -211,7 +210,7 @@ async fn insert_jobs_taking_sequences(
                 one_job_from_taken!()
             )
         };
-        rows = sqlx::query_as(sql)
+        let row: Option<(i64, i64)> = sqlx::query_as(sql)
             .bind(stream)
             .bind(key)
             .bind(count)
@@ -221,14 +220,17 @@ async fn insert_jobs_taking_sequences(
             .bind(job.event_count)
             .bind(job.bytes)
             .bind(&job.records)
-            .fetch_all(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(db_error)?;
         if !known {
             remember_key(stream, key);
         }
+        if let Some((id, base)) = row {
+            return Ok((vec![JobId(id)], vec![base]));
+        }
     }
-    if rows.is_empty() {
+    let rows: Vec<(i64, Vec<i64>)> = {
         let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
         let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
@@ -241,7 +243,7 @@ async fn insert_jobs_taking_sequences(
             .enumerate()
             .flat_map(|(j, own)| own.iter().map(move |&k| (j as i32 + 1, k + 1)))
             .unzip();
-        rows = sqlx::query_as(
+        sqlx::query_as(
             "WITH taken AS ( \
                  INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
                  SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
@@ -279,8 +281,8 @@ async fn insert_jobs_taking_sequences(
         .bind(&own_keys)
         .fetch_all(conn)
         .await
-        .map_err(db_error)?;
-    }
+        .map_err(db_error)?
+    };
     let bases = rows.first().map(|r| r.1.clone()).unwrap_or_default();
     if rows.len() != jobs.len() || bases.len() != keys.len() {
         return Err(Error::Database(sqlx::Error::Protocol(format!(
