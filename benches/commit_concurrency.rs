@@ -24,7 +24,8 @@
 //!   (an application whose aggregates are written more than once), so a transaction updates
 //!   its key's row in place.
 //!
-//! Modes are interleaved (L, H, N, Q, O, K, L, H, …) with VACUUM and CHECKPOINT before each measurement.
+//! Modes are interleaved (L, H, N, Q, O, K, then H, N, Q, O, K, L: each round starts with the
+//! next mode) with VACUUM and CHECKPOINT before each measurement.
 //! Client CPU per transaction ("µs") is the process's user+system time over the transactions
 //! done; server CPU ("srv") is that of every `postgres` process on this machine (with the
 //! postmaster's exited children), read from `/proc`, so only for a local server. "paired" is
@@ -647,7 +648,7 @@ async fn main() {
     .unwrap();
     println!("PostgreSQL settings: {settings:?}");
     println!(
-        "{secs} s per measurement, modes interleaved L H N Q O K, L H N Q O K, …; medians of {rounds} rounds; each transaction = UPDATE + {EVENTS} events"
+        "{secs} s per measurement, modes interleaved, each round starting with the next; medians of {rounds} rounds; each transaction = UPDATE + {EVENTS} events"
     );
     println!();
     println!(
@@ -708,8 +709,8 @@ async fn main() {
         let mut tps: [Vec<f64>; 6] = Default::default();
         let mut cpu: [Vec<f64>; 6] = Default::default();
         let mut srv: [Vec<f64>; 6] = Default::default();
-        for _round in 0..rounds {
-            for (k, mode) in [
+        for round in 0..rounds {
+            let mut order: Vec<(usize, Mode)> = [
                 Mode::Library,
                 Mode::Hand,
                 Mode::HandNotify,
@@ -720,7 +721,11 @@ async fn main() {
             .into_iter()
             .enumerate()
             .filter(|(_, mode)| chosen(*mode))
-            {
+            .collect();
+            // Each round starts with the next mode, so that none always follows the same one.
+            let len = order.len();
+            order.rotate_left(round % len.max(1));
+            for (k, mode) in order {
                 quiesce(&admin).await;
                 let m = measure(mode, connections, secs, &url, false).await;
                 tps[k].push(m.tps);
@@ -748,14 +753,21 @@ async fn main() {
         !only_claims && chosen(Mode::Library) && chosen(Mode::Hand) && sizes.chosen("4x16");
     let quiet_too = chosen(Mode::LibraryQuiet);
     let (mut l4, mut h4, mut q4) = (Vec::new(), Vec::new(), Vec::new());
-    for _round in (0..rounds.max(2)).filter(|_| processes_too) {
-        quiesce(&admin).await;
-        l4.push(processes(Mode::Library, secs));
-        quiesce(&admin).await;
-        h4.push(processes(Mode::Hand, secs));
+    for round in (0..rounds.max(2)).filter(|_| processes_too) {
+        let mut order = vec![Mode::Library, Mode::Hand];
         if quiet_too {
+            order.push(Mode::LibraryQuiet);
+        }
+        let len = order.len();
+        order.rotate_left(round % len);
+        for mode in order {
             quiesce(&admin).await;
-            q4.push(processes(Mode::LibraryQuiet, secs));
+            let m = processes(mode, secs);
+            match mode {
+                Mode::Library => l4.push(m),
+                Mode::Hand => h4.push(m),
+                _ => q4.push(m),
+            }
         }
     }
     if processes_too {
