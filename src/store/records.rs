@@ -138,10 +138,10 @@ fn push_json_string(out: &mut String, text: &str) {
     }
 }
 
-/// Encodes staged events into the `records` column format, `sequence_of(i)` being the
+/// Encodes staged events into the `records` column format, `sequences[i]` being the
 /// sequence of `events[i]`. An ordered event's sequence goes in its record and in its envelope
 /// (right after `created_at`), written here: its `data` never holds it.
-fn encode_staged(events: &[&Prepared], sequence_of: impl Fn(usize) -> Sequence) -> String {
+fn encode_staged(events: &[&Prepared], sequences: &[Sequence]) -> String {
     let capacity = 2 + events
         .iter()
         .map(|e| {
@@ -155,7 +155,7 @@ fn encode_staged(events: &[&Prepared], sequence_of: impl Fn(usize) -> Sequence) 
         if i > 0 {
             out.push(',');
         }
-        let sequence = sequence_of(i);
+        let sequence = sequences[i];
         push_record_head(&mut out, e.id, &e.stream, &e.partition_key, sequence);
         if sequence == Sequence::None {
             out.push_str(&e.data);
@@ -275,7 +275,7 @@ pub(crate) fn group_taking_sequences(
                 )
                 .collect();
             let chunk = &events[start..end];
-            let records = encode_staged(chunk, |i| sequences[i]);
+            let records = encode_staged(chunk, &sequences);
             jobs.push(NewJob {
                 priority,
                 run_at: match run_at {
