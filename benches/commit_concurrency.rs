@@ -22,9 +22,11 @@
 //!   row;
 //! - (K) O on keys that recur: each writer's own 10, whose rows exist before the measurement
 //!   (an application whose aggregates are written more than once), so a transaction updates
-//!   its key's row in place.
+//!   its key's row in place;
+//! - (U) O's events, the same fields and keys, not ordered: what the ordering itself costs is
+//!   O against U, since O's events also carry a key field that L's do not.
 //!
-//! Modes are interleaved (L, H, N, Q, O, K, then H, N, Q, O, K, L: each round starts with the
+//! Modes are interleaved (L, H, N, Q, O, K, U, then H, N, Q, O, K, U, L: each round starts with the
 //! next mode) with VACUUM and CHECKPOINT before each measurement.
 //! Client CPU per transaction ("µs") is the process's user+system time over the transactions
 //! done; server CPU ("srv") is that of every `postgres` process on this machine (with the
@@ -46,6 +48,19 @@ use sqlx::{PgPool, Postgres};
 #[derive(Serialize, Clone, journaled::Event)]
 #[journaled(event_type = "free_event")]
 struct AccountCredited {
+    account_id: i64,
+    amount_cents: i64,
+    currency: String,
+    reference: String,
+    note: String,
+}
+
+/// The ordered event's fields and partition key, not ordered (mode U).
+#[derive(Serialize, Clone, journaled::Event)]
+#[journaled(event_type = "free_event")]
+struct AccountCreditedKeyed {
+    #[journaled(partition_key)]
+    key: String,
     account_id: i64,
     amount_cents: i64,
     currency: String,
@@ -107,6 +122,7 @@ enum Mode {
     HandNotify,
     Ordered,
     OrderedKnown,
+    Keyed,
 }
 
 impl Mode {
@@ -118,6 +134,7 @@ impl Mode {
             Mode::HandNotify => "N",
             Mode::Ordered => "O",
             Mode::OrderedKnown => "K",
+            Mode::Keyed => "U",
         }
     }
 
@@ -128,6 +145,7 @@ impl Mode {
             "H" => Mode::Hand,
             "O" => Mode::Ordered,
             "K" => Mode::OrderedKnown,
+            "U" => Mode::Keyed,
             _ => Mode::HandNotify,
         }
     }
@@ -143,9 +161,13 @@ async fn one_transaction(
 ) {
     let account = fastrand::i64(0..ACCOUNTS);
     match mode {
-        Mode::Library | Mode::LibraryQuiet | Mode::Ordered | Mode::OrderedKnown => {
+        Mode::Library
+        | Mode::LibraryQuiet
+        | Mode::Ordered
+        | Mode::OrderedKnown
+        | Mode::Keyed => {
             let key = match mode {
-                Mode::Ordered => Some(format!("w{writer}-{}", n % 100)),
+                Mode::Ordered | Mode::Keyed => Some(format!("w{writer}-{}", n % 100)),
                 Mode::OrderedKnown => Some(format!("w{writer}-{}", n % KNOWN_KEYS)),
                 _ => None,
             };
@@ -157,7 +179,20 @@ async fn one_transaction(
                 .unwrap();
             for i in 0..EVENTS {
                 let e = event(account, i);
-                if let Some(key) = &key {
+                if let (Some(key), Mode::Keyed) = (&key, mode) {
+                    journal!(
+                        tx,
+                        AccountCreditedKeyed {
+                            key: key.clone(),
+                            account_id: e.account_id,
+                            amount_cents: e.amount_cents,
+                            currency: e.currency,
+                            reference: e.reference,
+                            note: e.note,
+                        }
+                    )
+                    .unwrap();
+                } else if let Some(key) = &key {
                     journal!(
                         tx,
                         AccountCreditedInOrder {
@@ -652,7 +687,7 @@ async fn main() {
     );
     println!();
     println!(
-        "{:>4} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>6} | {:>17} {:>17} | {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6} {:>6} | {:>7} {:>6} {:>17} {:>6} {:>6}",
+        "{:>4} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>6} | {:>17} {:>17} | {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6} {:>6} | {:>7} {:>6} {:>17} {:>6} {:>6} | {:>7} {:>6} {:>17} {:>6} {:>17} {:>6} {:>6}",
         "C",
         "L tx/s",
         "H tx/s",
@@ -678,6 +713,13 @@ async fn main() {
         "K/L paired",
         "K µs",
         "K srv",
+        "U tx/s",
+        "O/U",
+        "O/U paired",
+        "U/L",
+        "U/L paired",
+        "U µs",
+        "U srv",
     );
     let only_claims = std::env::var("JOURNALED_BENCH_ONLY_CLAIMS").is_ok()
         || std::env::var("JOURNALED_BENCH_PROFILE").is_ok();
@@ -706,9 +748,9 @@ async fn main() {
         .into_iter()
         .filter(|c| !only_claims && sizes.chosen(&c.to_string()))
     {
-        let mut tps: [Vec<f64>; 6] = Default::default();
-        let mut cpu: [Vec<f64>; 6] = Default::default();
-        let mut srv: [Vec<f64>; 6] = Default::default();
+        let mut tps: [Vec<f64>; 7] = Default::default();
+        let mut cpu: [Vec<f64>; 7] = Default::default();
+        let mut srv: [Vec<f64>; 7] = Default::default();
         for round in 0..rounds {
             let mut order: Vec<(usize, Mode)> = [
                 Mode::Library,
@@ -717,6 +759,7 @@ async fn main() {
                 Mode::LibraryQuiet,
                 Mode::Ordered,
                 Mode::OrderedKnown,
+                Mode::Keyed,
             ]
             .into_iter()
             .enumerate()
@@ -736,16 +779,20 @@ async fn main() {
         let pl = paired(&tps[0], &tps[1]);
         let po = paired(&tps[4], &tps[0]);
         let pk = paired(&tps[5], &tps[0]);
-        let [l, h, n, q, o, k] = tps.map(median);
-        let [lc, hc, _, qc, oc, kc] = cpu.map(median);
-        let [ls, hs, _, qs, os, ks] = srv.map(median);
+        let pu = paired(&tps[4], &tps[6]);
+        let pkl = paired(&tps[6], &tps[0]);
+        let [l, h, n, q, o, k, u] = tps.map(median);
+        let [lc, hc, _, qc, oc, kc, uc] = cpu.map(median);
+        let [ls, hs, _, qs, os, ks, us] = srv.map(median);
         println!(
-            "{connections:>4} | {l:>7.0} {h:>7.0} {n:>7.0} {q:>7.0} {o:>7.0} | {:>6.3} {:>6.3} {:>6.3} {:>6.3} | {pl:>17} {po:>17} | {lc:>6.0} {hc:>6.0} {qc:>6.0} {oc:>6.0} | {ls:>6.0} {hs:>6.0} {qs:>6.0} {os:>6.0} | {k:>7.0} {:>6.3} {pk:>17} {kc:>6.0} {ks:>6.0}",
+            "{connections:>4} | {l:>7.0} {h:>7.0} {n:>7.0} {q:>7.0} {o:>7.0} | {:>6.3} {:>6.3} {:>6.3} {:>6.3} | {pl:>17} {po:>17} | {lc:>6.0} {hc:>6.0} {qc:>6.0} {oc:>6.0} | {ls:>6.0} {hs:>6.0} {qs:>6.0} {os:>6.0} | {k:>7.0} {:>6.3} {pk:>17} {kc:>6.0} {ks:>6.0} | {u:>7.0} {:>6.3} {pu:>17} {:>6.3} {pkl:>17} {uc:>6.0} {us:>6.0}",
             l / h,
             n / h,
             q / h,
             o / l,
             k / l,
+            o / u,
+            u / l,
         );
     }
     // 4 processes x 16 connections: L, H and (if chosen) Q, interleaved.
