@@ -161,11 +161,7 @@ async fn one_transaction(
 ) {
     let account = fastrand::i64(0..ACCOUNTS);
     match mode {
-        Mode::Library
-        | Mode::LibraryQuiet
-        | Mode::Ordered
-        | Mode::OrderedKnown
-        | Mode::Keyed => {
+        Mode::Library | Mode::LibraryQuiet | Mode::Ordered | Mode::OrderedKnown | Mode::Keyed => {
             let key = match mode {
                 Mode::Ordered | Mode::Keyed => Some(format!("w{writer}-{}", n % 100)),
                 Mode::OrderedKnown => Some(format!("w{writer}-{}", n % KNOWN_KEYS)),

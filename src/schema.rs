@@ -8,6 +8,7 @@ use jsonschema::{Draft, Validator};
 use serde_json::Value;
 
 use crate::error::{JournalError, Violation};
+use crate::event::instance::{Document, TextJson};
 
 /// Schemas that ship with the crate; they are searched before any folder.
 const BUILT_IN: &[(&str, &str)] = &[
@@ -29,10 +30,17 @@ const BUILT_IN: &[(&str, &str)] = &[
     ),
 ];
 
+/// One schema, compiled for both representations of an event: the text `journal!` reads in
+/// place (the fast check) and a `serde_json::Value` (the public API and every error report).
+struct Compiled {
+    full: Validator,
+    fast: Validator<TextJson>,
+}
+
 /// A schema lookup, remembered.
 #[derive(Clone)]
 enum Cached {
-    Ready(Arc<Validator>),
+    Ready(Arc<Compiled>),
     Missing(Arc<[PathBuf]>),
     Invalid { path: Arc<str>, message: Arc<str> },
 }
@@ -65,7 +73,7 @@ impl std::fmt::Debug for SchemaRegistry {
     }
 }
 
-fn compile(event_type: &str, path: &str, text: &str) -> Result<Validator, JournalError> {
+fn compile(event_type: &str, path: &str, text: &str) -> Result<Compiled, JournalError> {
     let invalid = |message: String| JournalError::InvalidSchema {
         event_type: event_type.to_owned(),
         path: path.to_owned(),
@@ -73,11 +81,16 @@ fn compile(event_type: &str, path: &str, text: &str) -> Result<Validator, Journa
     };
     let schema: Value =
         serde_json::from_str(text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let draft4 = schema.get("$schema").is_none();
     let mut options = jsonschema::options();
-    if schema.get("$schema").is_none() {
+    let mut fast = jsonschema::options_for::<TextJson>();
+    if draft4 {
         options = options.with_draft(Draft::Draft4);
+        fast = fast.with_draft(Draft::Draft4);
     }
-    options.build(&schema).map_err(|e| invalid(e.to_string()))
+    let full = options.build(&schema).map_err(|e| invalid(e.to_string()))?;
+    let fast = fast.build(&schema).map_err(|e| invalid(e.to_string()))?;
+    Ok(Compiled { full, fast })
 }
 
 fn built_in(name: &str) -> Option<&'static str> {
@@ -93,6 +106,7 @@ impl SchemaRegistry {
         let load = |name: &str| {
             compile(name, "<built-in>", built_in(name).expect("built-in schema"))
                 .expect("the built-in schemas compile")
+                .full
         };
         SchemaRegistry {
             roots,
@@ -112,7 +126,7 @@ impl SchemaRegistry {
         self.roots.iter().map(|root| root.join(&file)).collect()
     }
 
-    fn load(&self, event_type: &str) -> Result<Arc<Validator>, JournalError> {
+    fn load(&self, event_type: &str) -> Result<Arc<Compiled>, JournalError> {
         let cached = self
             .compiled
             .read()
@@ -149,7 +163,7 @@ impl SchemaRegistry {
     /// path that journals it does not touch the file system again (restart to pick up a fix).
     fn find_and_compile(&self, event_type: &str) -> Cached {
         let compiled = |path: &str, text: &str| match compile(event_type, path, text) {
-            Ok(validator) => Cached::Ready(Arc::new(validator)),
+            Ok(compiled) => Cached::Ready(Arc::new(compiled)),
             Err(JournalError::InvalidSchema { path, message, .. }) => Cached::Invalid {
                 path: path.into(),
                 message: message.into(),
@@ -233,7 +247,7 @@ impl SchemaRegistry {
         let schemas: [(&str, Option<&Validator>); 3] = [
             ("base_event", Some(&self.base)),
             ("tagged_event", tagged.then_some(&self.tagged)),
-            (event_type, Some(&own)),
+            (event_type, Some(&own.full)),
         ];
         if schemas
             .iter()
@@ -261,18 +275,25 @@ impl SchemaRegistry {
     /// [`validate`](Self::validate) for an envelope journaled wrote itself: `base_event` and
     /// `tagged_event` hold by construction (a UUID id, the type's name, a formatted time, a tags
     /// object; `event::prepare` checks the one input, a non-empty event type), so the fast path
-    /// runs the event's own schema alone. A failure reports every schema's violations.
+    /// runs the event's own schema alone, on the event's text read in place (`document`). A
+    /// failure, or text the fast path does not read (`None`), is checked again on the value
+    /// `value` builds, which reports every schema's violations.
     pub(crate) fn validate_generated(
         &self,
         event_type: &str,
         tagged: bool,
-        event: &Value,
+        document: Option<&Document<'_>>,
+        value: impl FnOnce() -> Result<Value, JournalError>,
     ) -> Result<(), JournalError> {
         let own = self.load(event_type)?;
-        if own.is_valid(event) {
+        if document.is_some_and(|document| own.fast.is_valid(document.root())) {
             return Ok(());
         }
-        self.validate(event_type, tagged, event)
+        let value = value()?;
+        if document.is_none() && own.full.is_valid(&value) {
+            return Ok(());
+        }
+        self.validate(event_type, tagged, &value)
     }
 
     /// Compiles the built-in schemas and every `*.json` file directly in each root (where

@@ -1,6 +1,7 @@
 //! Events: the [`Event`] trait, its envelope, and the one-time serialization of a record.
 
 pub(crate) mod checks;
+pub(crate) mod instance;
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use time::macros::format_description;
 use uuid::Uuid;
 
 use crate::{Config, JournalError, context, schema::SchemaRegistry};
+use instance::Document;
 
 /// A Kinesis partition key may not be longer than this: "256 Unicode characters", which
 /// Kinesis counts in UTF-16 code units (an emoji or a CJK Extension B character is two).
@@ -245,31 +247,18 @@ pub(crate) fn prepare<E: Event>(
         event_type: event_type.to_owned(),
         message,
     };
-    let walked = refuse_unrepresentable(event_type, event)?;
+    refuse_unrepresentable(event_type, event)?;
     // Serialized once, in the struct's field order; the envelope is written in front of these
     // bytes, so key order holds by construction (no global `preserve_order`).
     let attributes_json = serde_json::to_string(event).map_err(|e| serialization(e.to_string()))?;
-    // What the schemas see: the event as a value, built straight from it (a third of the cost
-    // of parsing the text back; `Event` asks `Serialize` to give the same output each call),
-    // unless it holds an `f32`, which only the text keeps as written, or a raw JSON value,
-    // whose nesting only parsing the whole text bounds.
-    let direct = walked
-        .filter(|walked| walked.value_is_exact())
-        .and_then(|_| serde_json::to_value(event).ok());
-    let value = match direct {
-        Some(value) => value,
-        None => serde_json::from_str::<Value>(&attributes_json)
-            .map_err(|e| serialization(e.to_string()))?,
-    };
-    let attributes = match value {
-        Value::Object(map) => map,
-        other => {
-            return Err(serialization(format!(
-                "it serialized to {}, not an object",
-                kind(&other)
-            )));
-        }
-    };
+    if !attributes_json.starts_with('{') {
+        let value: Value =
+            serde_json::from_str(&attributes_json).map_err(|e| serialization(e.to_string()))?;
+        return Err(serialization(format!(
+            "it serialized to {}, not an object",
+            kind(&value)
+        )));
+    }
     let stream = match event.stream_name() {
         Some(stream) => stream.into_owned(),
         None => config
@@ -282,52 +271,16 @@ pub(crate) fn prepare<E: Event>(
     // An event keyed by its own id has nothing to be ordered with: it takes no sequence.
     let own_key = event.partition_key();
     let ordered = (E::ORDERED || config.is_ordered_stream(&stream)) && own_key.is_some();
-    for reserved in ["id", "event_type", "created_at"]
-        .into_iter()
-        .chain(E::TAGGED.then_some("tags"))
-        .chain(ordered.then_some("sequence"))
-    {
-        if attributes.contains_key(reserved) {
-            return Err(JournalError::ReservedAttribute {
-                event_type: event_type.to_owned(),
-                name: reserved.to_owned(),
-            });
-        }
-    }
-
-    if stream.is_empty() {
-        return Err(JournalError::MissingStreamName {
-            event_type: event_type.to_owned(),
-        });
-    }
-    check_stream_name(event_type, &stream)?;
 
     let id = EventId::new();
     let now = OffsetDateTime::now_utc();
     let created_at = event.created_at().unwrap_or(now);
     let id_text = id.to_string();
     let created_at_text = format_time(created_at);
-    let tags = E::TAGGED.then(context::current_tags);
-    let tags_json = tags
-        .as_ref()
-        .map(|tags| serde_json::to_string(tags).map_err(|e| serialization(e.to_string())))
-        .transpose()?;
-
-    // What the schemas see: the same envelope and attributes, as a value.
-    let mut object = attributes;
-    object.insert("id".into(), Value::String(id_text.clone()));
-    object.insert("event_type".into(), Value::String(event_type.to_owned()));
-    object.insert("created_at".into(), Value::String(created_at_text.clone()));
-    if let Some(tags) = tags {
-        object.insert("tags".into(), Value::Object(tags));
-    }
-    if ordered {
-        // The sequence is taken at commit; the schemas see one now, so that a schema that
-        // forbids it fails here rather than the published record breaking it.
-        object.insert("sequence".into(), Value::from(1));
-    }
-    let value = Value::Object(object);
-    schemas.validate_generated(event_type, E::TAGGED, &value)?;
+    let tags_json = E::TAGGED
+        .then(|| serde_json::to_string(&context::current_tags()))
+        .transpose()
+        .map_err(|e| serialization(e.to_string()))?;
 
     // What is published: the envelope, then the attributes' own bytes.
     let body = &attributes_json[1..]; // after the attributes' `{`
@@ -348,6 +301,64 @@ pub(crate) fn prepare<E: Event>(
         data.push(',');
     }
     data.push_str(body);
+
+    // What the schemas see: the published text read in place, with the sequence an ordered
+    // event takes at commit (1 here, so that a schema that forbids it fails now rather than the
+    // published record breaking it). Text the fast reader does not take goes to serde_json.
+    let mut document = Document::parse(&data);
+    // Written by the envelope, once each: a second one is the event's own.
+    let mut reserved: [(&str, usize); 5] = [
+        ("id", 1),
+        ("event_type", 1),
+        ("created_at", 1),
+        ("", 0),
+        ("", 0),
+    ];
+    let mut named = 3;
+    for (name, written, applies) in [("tags", 1, E::TAGGED), ("sequence", 0, ordered)] {
+        if applies {
+            reserved[named] = (name, written);
+            named += 1;
+        }
+    }
+    let reserved = &reserved[..named];
+    let taken = match &document {
+        Some(document) => document.root_names_over(reserved),
+        None => {
+            let attributes: serde_json::Map<String, Value> =
+                serde_json::from_str(&attributes_json).map_err(|e| serialization(e.to_string()))?;
+            reserved
+                .iter()
+                .map(|(name, _)| *name)
+                .find(|name| attributes.contains_key(*name))
+        }
+    };
+    if let Some(name) = taken {
+        return Err(JournalError::ReservedAttribute {
+            event_type: event_type.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+
+    if stream.is_empty() {
+        return Err(JournalError::MissingStreamName {
+            event_type: event_type.to_owned(),
+        });
+    }
+    check_stream_name(event_type, &stream)?;
+
+    if let (Some(document), true) = (&mut document, ordered) {
+        document.push_root_number("sequence", "1");
+    }
+    schemas.validate_generated(event_type, E::TAGGED, document.as_ref(), || {
+        let mut value: Value =
+            serde_json::from_str(&data).map_err(|e| serialization(e.to_string()))?;
+        if let (Value::Object(object), true) = (&mut value, ordered) {
+            object.insert("sequence".into(), Value::from(1));
+        }
+        Ok(value)
+    })?;
+    drop(document);
 
     let partition_key = match own_key {
         Some(key) => key.into_owned(),
@@ -392,15 +403,14 @@ pub(crate) fn prepare<E: Event>(
 }
 
 /// Refuses what serde_json would change or choke on: a NaN or infinite number (written as
-/// `null`) and nesting deeper than [`checks::MAX_NESTING_DEPTH`] (a stack overflow). What the
-/// walk saw, or `None` when the type failed to serialize (serializing it for real says why).
+/// `null`) and nesting deeper than [`checks::MAX_NESTING_DEPTH`] (a stack overflow). A type
+/// that fails to serialize passes here: serializing it for real says why.
 pub(crate) fn refuse_unrepresentable<T: Serialize + ?Sized>(
     event_type: &str,
     value: &T,
-) -> Result<Option<checks::Walked>, JournalError> {
+) -> Result<(), JournalError> {
     match checks::check(value) {
-        Ok(walked) => Ok(Some(walked)),
-        Err(checks::Found::Other) => Ok(None),
+        Ok(()) | Err(checks::Found::Other) => Ok(()),
         Err(checks::Found::NonFinite(pointer)) => Err(JournalError::NonFiniteNumber {
             event_type: event_type.to_owned(),
             pointer,
