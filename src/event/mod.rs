@@ -613,6 +613,120 @@ mod tests {
     }
 
     #[derive(Serialize)]
+    struct Loose {
+        #[serde(flatten)]
+        fields: std::collections::BTreeMap<&'static str, u8>,
+    }
+    impl Event for Loose {
+        const EVENT_TYPE: &'static str = "loose";
+    }
+
+    #[derive(Serialize)]
+    struct LooseTaggedInOrder {
+        #[serde(flatten)]
+        fields: std::collections::BTreeMap<&'static str, u8>,
+    }
+    impl Event for LooseTaggedInOrder {
+        const EVENT_TYPE: &'static str = "loose";
+        const TAGGED: bool = true;
+        const ORDERED: bool = true;
+        fn partition_key(&self) -> Option<Cow<'_, str>> {
+            Some("k".into())
+        }
+    }
+
+    /// The envelope's names are refused as attributes (read from the published text, where
+    /// the envelope writes each once), `tags` only for a tagged event and `sequence` only for
+    /// an ordered one.
+    #[test]
+    fn attributes_cannot_take_the_envelopes_names() {
+        let (schemas, dir) = schemas_in("reserved", &[("loose.json", "{}")]);
+        let config = Config::default().with_stream_name("s");
+        let fields = |name: &'static str| [(name, 1), ("other", 2)].into_iter().collect();
+        for name in ["id", "event_type", "created_at"] {
+            for result in [
+                prepare(
+                    &Loose {
+                        fields: fields(name),
+                    },
+                    &config,
+                    &schemas,
+                ),
+                prepare(
+                    &LooseTaggedInOrder {
+                        fields: fields(name),
+                    },
+                    &config,
+                    &schemas,
+                ),
+            ] {
+                assert!(
+                    matches!(&result, Err(JournalError::ReservedAttribute { name: n, .. }) if n == name),
+                    "{name}: {result:?}"
+                );
+            }
+        }
+        for name in ["tags", "sequence"] {
+            let result = prepare(
+                &LooseTaggedInOrder {
+                    fields: fields(name),
+                },
+                &config,
+                &schemas,
+            );
+            assert!(
+                matches!(&result, Err(JournalError::ReservedAttribute { name: n, .. }) if n == name),
+                "{name}: {result:?}"
+            );
+            let plain = prepare(
+                &Loose {
+                    fields: fields(name),
+                },
+                &config,
+                &schemas,
+            )
+            .unwrap();
+            let value: Value = serde_json::from_str(&plain.data).unwrap();
+            assert_eq!(
+                value[name], 1,
+                "{name} is an attribute of an untagged, unordered event"
+            );
+        }
+        prepare(
+            &LooseTaggedInOrder {
+                fields: fields("other"),
+            },
+            &config,
+            &schemas,
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A schema that a value fails is reported with every violation, from the same text the
+    /// fast check read: the fast check and the report agree.
+    #[test]
+    fn a_failed_fast_check_is_reported_in_full() {
+        let (schemas, dir) = schemas_in(
+            "failing",
+            &[(
+                "loose.json",
+                r#"{"type": "object", "required": ["must"], "properties": {"other": {"maximum": 1}, "sequence": {"maximum": 0}}}"#,
+            )],
+        );
+        let config = Config::default().with_stream_name("s");
+        let fields = [("other", 2)].into_iter().collect();
+        let err = prepare(&LooseTaggedInOrder { fields }, &config, &schemas).unwrap_err();
+        let JournalError::SchemaViolation { violations, .. } = &err else {
+            panic!("{err:?}");
+        };
+        let mut pointers: Vec<&str> = violations.iter().map(|v| v.pointer.as_str()).collect();
+        pointers.sort();
+        assert_eq!(pointers, ["", "/other", "/sequence"], "{violations:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[derive(Serialize)]
     struct Measured {
         single: f32,
         double: f64,
