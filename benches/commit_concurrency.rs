@@ -175,32 +175,27 @@ async fn one_transaction(
                 .unwrap();
             for i in 0..EVENTS {
                 let e = event(account, i);
+                // O's event or U's: the same fields, the key from the writer's keys.
+                macro_rules! keyed {
+                    ($event:ident, $key:expr) => {
+                        journal!(
+                            tx,
+                            $event {
+                                key: $key.clone(),
+                                account_id: e.account_id,
+                                amount_cents: e.amount_cents,
+                                currency: e.currency,
+                                reference: e.reference,
+                                note: e.note,
+                            }
+                        )
+                        .unwrap()
+                    };
+                }
                 if let (Some(key), Mode::Keyed) = (&key, mode) {
-                    journal!(
-                        tx,
-                        AccountCreditedKeyed {
-                            key: key.clone(),
-                            account_id: e.account_id,
-                            amount_cents: e.amount_cents,
-                            currency: e.currency,
-                            reference: e.reference,
-                            note: e.note,
-                        }
-                    )
-                    .unwrap();
+                    keyed!(AccountCreditedKeyed, key);
                 } else if let Some(key) = &key {
-                    journal!(
-                        tx,
-                        AccountCreditedInOrder {
-                            key: key.clone(),
-                            account_id: e.account_id,
-                            amount_cents: e.amount_cents,
-                            currency: e.currency,
-                            reference: e.reference,
-                            note: e.note,
-                        }
-                    )
-                    .unwrap();
+                    keyed!(AccountCreditedInOrder, key);
                 } else {
                     journal!(tx, e).unwrap();
                 }

@@ -259,19 +259,6 @@ pub(crate) fn prepare<E: Event>(
             kind(&value)
         )));
     }
-    let stream = match event.stream_name() {
-        Some(stream) => stream.into_owned(),
-        None => config
-            .stream_name
-            .clone()
-            .ok_or_else(|| JournalError::MissingStreamName {
-                event_type: event_type.to_owned(),
-            })?,
-    };
-    // An event keyed by its own id has nothing to be ordered with: it takes no sequence.
-    let own_key = event.partition_key();
-    let ordered = (E::ORDERED || config.is_ordered_stream(&stream)) && own_key.is_some();
-
     let id = EventId::new();
     let now = OffsetDateTime::now_utc();
     let created_at = event.created_at().unwrap_or(now);
@@ -304,8 +291,29 @@ pub(crate) fn prepare<E: Event>(
 
     // What the schemas see: the published text read in place, with the sequence an ordered
     // event takes at commit (1 here, so that a schema that forbids it fails now rather than the
-    // published record breaking it). Text the fast reader does not take goes to serde_json.
+    // published record breaking it). Text the fast reader does not take (a name repeated in an
+    // object, a lone surrogate escape, nesting or a number beyond serde_json's limits) is
+    // parsed by serde_json, which says what is wrong with it before any other check, and the
+    // schemas see the value it reads.
     let mut document = Document::parse(&data);
+    let fallback: Option<Value> = match document {
+        Some(_) => None,
+        None => Some(serde_json::from_str(&data).map_err(|e| serialization(e.to_string()))?),
+    };
+
+    let stream = match event.stream_name() {
+        Some(stream) => stream.into_owned(),
+        None => config
+            .stream_name
+            .clone()
+            .ok_or_else(|| JournalError::MissingStreamName {
+                event_type: event_type.to_owned(),
+            })?,
+    };
+    // An event keyed by its own id has nothing to be ordered with: it takes no sequence.
+    let own_key = event.partition_key();
+    let ordered = (E::ORDERED || config.is_ordered_stream(&stream)) && own_key.is_some();
+
     // Written by the envelope, once each: a second one is the event's own.
     let mut reserved: [(&str, usize); 5] = [
         ("id", 1),
@@ -351,8 +359,10 @@ pub(crate) fn prepare<E: Event>(
         document.push_root_number("sequence", "1");
     }
     schemas.validate_generated(event_type, E::TAGGED, document.as_ref(), || {
-        let mut value: Value =
-            serde_json::from_str(&data).map_err(|e| serialization(e.to_string()))?;
+        let mut value: Value = match fallback {
+            Some(value) => value,
+            None => serde_json::from_str(&data).map_err(|e| serialization(e.to_string()))?,
+        };
         if let (Value::Object(object), true) = (&mut value, ordered) {
             object.insert("sequence".into(), Value::from(1));
         }
@@ -643,63 +653,92 @@ mod tests {
         let (schemas, dir) = schemas_in("reserved", &[("loose.json", "{}")]);
         let config = Config::default().with_stream_name("s");
         let fields = |name: &'static str| [(name, 1), ("other", 2)].into_iter().collect();
-        for name in ["id", "event_type", "created_at"] {
-            for result in [
-                prepare(
-                    &Loose {
-                        fields: fields(name),
-                    },
-                    &config,
-                    &schemas,
-                ),
-                prepare(
-                    &LooseTaggedInOrder {
-                        fields: fields(name),
-                    },
-                    &config,
-                    &schemas,
-                ),
-            ] {
-                assert!(
-                    matches!(&result, Err(JournalError::ReservedAttribute { name: n, .. }) if n == name),
-                    "{name}: {result:?}"
-                );
-            }
-        }
-        for name in ["tags", "sequence"] {
-            let result = prepare(
-                &LooseTaggedInOrder {
-                    fields: fields(name),
-                },
-                &config,
-                &schemas,
-            );
-            assert!(
-                matches!(&result, Err(JournalError::ReservedAttribute { name: n, .. }) if n == name),
-                "{name}: {result:?}"
-            );
-            let plain = prepare(
+        let plain = |name| {
+            prepare(
                 &Loose {
                     fields: fields(name),
                 },
                 &config,
                 &schemas,
             )
-            .unwrap();
-            let value: Value = serde_json::from_str(&plain.data).unwrap();
+        };
+        let tagged_in_order = |name| {
+            prepare(
+                &LooseTaggedInOrder {
+                    fields: fields(name),
+                },
+                &config,
+                &schemas,
+            )
+        };
+        let refused = |result: &Result<Prepared, JournalError>, name: &str| matches!(result, Err(JournalError::ReservedAttribute { name: n, .. }) if n == name);
+        for name in ["id", "event_type", "created_at"] {
+            for result in [plain(name), tagged_in_order(name)] {
+                assert!(refused(&result, name), "{name}: {result:?}");
+            }
+        }
+        for name in ["tags", "sequence"] {
+            let result = tagged_in_order(name);
+            assert!(refused(&result, name), "{name}: {result:?}");
+            let value: Value = serde_json::from_str(&plain(name).unwrap().data).unwrap();
             assert_eq!(
                 value[name], 1,
                 "{name} is an attribute of an untagged, unordered event"
             );
         }
-        prepare(
-            &LooseTaggedInOrder {
-                fields: fields("other"),
-            },
-            &config,
-            &schemas,
-        )
-        .unwrap();
+        tagged_in_order("other").unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[derive(Serialize)]
+    struct Repeating {
+        a: u8,
+        #[serde(flatten)]
+        more: std::collections::BTreeMap<&'static str, u8>,
+    }
+    impl Event for Repeating {
+        const EVENT_TYPE: &'static str = "repeating";
+    }
+
+    /// Text the fast reader leaves to serde_json is judged as serde_json reads it: a repeated
+    /// name by its last value, counted once; a lone surrogate in a raw value is refused.
+    #[test]
+    fn text_the_fast_reader_refuses_is_judged_as_serde_json_reads_it() {
+        let (schemas, dir) = schemas_in(
+            "repeating",
+            &[
+                (
+                    "repeating.json",
+                    r#"{"properties": {"a": {"maximum": 1}}, "maxProperties": 4}"#,
+                ),
+                ("carrying.json", "{}"),
+            ],
+        );
+        let config = Config::default().with_stream_name("s");
+        let event = |a| Repeating {
+            a: 0,
+            more: [("a", a)].into_iter().collect(),
+        };
+        // {id, event_type, created_at, "a":0, "a":a}: four members, the last `a` counts.
+        let prepared = prepare(&event(1), &config, &schemas).unwrap();
+        assert!(
+            prepared.data.ends_with(r#""a":0,"a":1}"#),
+            "{}",
+            prepared.data
+        );
+        let err = prepare(&event(2), &config, &schemas).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::SchemaViolation { violations, .. } if violations.len() == 1 && violations[0].pointer == "/a"),
+            "{err:?}"
+        );
+        let lone = Carrying {
+            raw: serde_json::value::RawValue::from_string(r#""\ud800""#.into()).unwrap(),
+        };
+        let err = prepare(&lone, &Config::default(), &schemas).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::Serialization { .. }),
+            "refused before the missing stream name is: {err:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
