@@ -81,16 +81,29 @@ fn compile(event_type: &str, path: &str, text: &str) -> Result<Compiled, Journal
     };
     let schema: Value =
         serde_json::from_str(text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-    let draft4 = schema.get("$schema").is_none();
-    let mut options = jsonschema::options();
-    let mut fast = jsonschema::options_for::<TextJson>();
-    if draft4 {
+    Ok(Compiled {
+        full: build(jsonschema::options(), &schema).map_err(invalid)?,
+        fast: build(jsonschema::options_for::<TextJson>(), &schema).map_err(invalid)?,
+    })
+}
+
+/// A validator for `schema` (read as Draft 4 when it names no `$schema`, as the reference gem
+/// does), or why it does not compile.
+fn build<F: jsonschema::json::Json>(
+    mut options: jsonschema::ValidationOptions<'_, std::sync::Arc<dyn jsonschema::Retrieve>, F>,
+    schema: &Value,
+) -> Result<jsonschema::Validator<F>, String> {
+    if schema.get("$schema").is_none() {
         options = options.with_draft(Draft::Draft4);
-        fast = fast.with_draft(Draft::Draft4);
     }
-    let full = options.build(&schema).map_err(|e| invalid(e.to_string()))?;
-    let fast = fast.build(&schema).map_err(|e| invalid(e.to_string()))?;
-    Ok(Compiled { full, fast })
+    options.build(schema).map_err(|e| e.to_string())
+}
+
+/// A built-in schema for the full check only (`base_event`, `tagged_event`).
+fn built_in_full(name: &str) -> Validator {
+    let text = built_in(name).expect("built-in schema");
+    let schema: Value = serde_json::from_str(text).expect("the built-in schemas are JSON");
+    build(jsonschema::options(), &schema).expect("the built-in schemas compile")
 }
 
 fn built_in(name: &str) -> Option<&'static str> {
@@ -103,15 +116,10 @@ fn built_in(name: &str) -> Option<&'static str> {
 impl SchemaRegistry {
     /// A registry over the built-in schemas and then `roots`, in order.
     pub fn new(roots: Vec<PathBuf>) -> Self {
-        let load = |name: &str| {
-            compile(name, "<built-in>", built_in(name).expect("built-in schema"))
-                .expect("the built-in schemas compile")
-                .full
-        };
         SchemaRegistry {
             roots,
-            base: load("base_event"),
-            tagged: load("tagged_event"),
+            base: built_in_full("base_event"),
+            tagged: built_in_full("tagged_event"),
             compiled: RwLock::new(HashMap::new()),
         }
     }
