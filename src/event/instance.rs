@@ -682,4 +682,146 @@ mod tests {
             );
         }
     }
+
+    fn random_value(rng: &mut fastrand::Rng, depth: usize) -> Value {
+        let leaf = depth >= 3 || rng.u8(0..4) == 0;
+        match if leaf { rng.u8(0..4) } else { rng.u8(0..6) } {
+            0 => [Value::Null, Value::Bool(true), Value::Bool(false)][rng.usize(0..3)].clone(),
+            1 => {
+                let numbers = [
+                    "0",
+                    "1",
+                    "2",
+                    "3",
+                    "-1",
+                    "-7",
+                    "10",
+                    "12",
+                    "18446744073709551615",
+                    "-9223372036854775808",
+                    "0.5",
+                    "1.5",
+                    "2.0",
+                    "-0.0",
+                    "0.1",
+                    "1e300",
+                    "-2.5",
+                    "0.30000000000000004",
+                    "4.0",
+                    "9007199254740993",
+                ];
+                serde_json::from_str(numbers[rng.usize(0..numbers.len())]).unwrap()
+            }
+            2 | 3 => {
+                let strings = [
+                    "", "a", "ab", "abc", "é", "😀x", "a\"b", "\n", "123", "abcdef", "Ab",
+                ];
+                Value::String(strings[rng.usize(0..strings.len())].to_owned())
+            }
+            4 => Value::Array(
+                (0..rng.usize(0..5))
+                    .map(|_| random_value(rng, depth + 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.usize(0..5))
+                    .map(|_| {
+                        let names = ["a", "b", "c", "n", "s", "x1"];
+                        (
+                            names[rng.usize(0..names.len())].to_owned(),
+                            random_value(rng, depth + 1),
+                        )
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The fast reader and serde_json's values get the same verdict from many schemas, in
+    /// Draft 4 (journaled's default) and the latest draft, on thousands of generated documents.
+    #[test]
+    fn agrees_with_serde_json_values_on_generated_documents() {
+        let common = [
+            r#"{"type": "integer"}"#,
+            r#"{"type": ["number", "string"]}"#,
+            r#"{"type": "object", "required": ["a", "n"]}"#,
+            r#"{"minimum": 1, "maximum": 10}"#,
+            r#"{"multipleOf": 0.5}"#,
+            r#"{"multipleOf": 3}"#,
+            r#"{"minLength": 2, "maxLength": 3}"#,
+            r#"{"pattern": "^[a-z]+$"}"#,
+            r#"{"enum": [1, 2.0, "a", null, [1], {"a": 1}]}"#,
+            r#"{"minItems": 1, "maxItems": 3, "uniqueItems": true}"#,
+            r#"{"items": {"type": "number"}}"#,
+            r#"{"items": [{"type": "string"}, {"type": "integer"}]}"#,
+            r#"{"properties": {"a": {"type": "string"}, "n": {"maximum": 2}}, "additionalProperties": false}"#,
+            r#"{"patternProperties": {"^x": {"type": "null"}}, "additionalProperties": {"type": "boolean"}}"#,
+            r#"{"minProperties": 2, "maxProperties": 3}"#,
+            r#"{"dependencies": {"a": ["b"], "n": {"required": ["s"]}}}"#,
+            r#"{"allOf": [{"type": "object"}, {"not": {"required": ["c"]}}]}"#,
+            r#"{"anyOf": [{"type": "string", "maxLength": 1}, {"type": "array", "items": {"type": "object"}}]}"#,
+            r#"{"oneOf": [{"type": "integer"}, {"minimum": 2}]}"#,
+            r##"{"definitions": {"pos": {"minimum": 0}}, "properties": {"n": {"$ref": "#/definitions/pos"}, "a": {"items": {"$ref": "#/definitions/pos"}}}}"##,
+            r#"{"properties": {"a": {"type": "array", "uniqueItems": true, "items": {"properties": {"b": {"type": "number"}}}}}}"#,
+        ];
+        let latest_only = [
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "const": 2}"#,
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "contains": {"type": "integer"}, "minContains": 2}"#,
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "propertyNames": {"maxLength": 1}}"#,
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "exclusiveMinimum": 0, "exclusiveMaximum": 3}"#,
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "if": {"required": ["a"]}, "then": {"required": ["b"]}, "else": {"maxProperties": 1}}"#,
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "prefixItems": [{"type": "string"}], "items": {"type": "integer"}}"#,
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "unevaluatedProperties": false, "properties": {"a": true}}"#,
+            r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "integer", "maximum": 3}"#,
+        ];
+        let mut pairs = Vec::new();
+        for text in common.iter().chain(&latest_only) {
+            let schema: Value = serde_json::from_str(text).unwrap();
+            let draft4 = schema.get("$schema").is_none();
+            let mut fast = jsonschema::options_for::<TextJson>();
+            let mut full = jsonschema::options();
+            if draft4 {
+                fast = fast.with_draft(jsonschema::Draft::Draft4);
+                full = full.with_draft(jsonschema::Draft::Draft4);
+            }
+            pairs.push((
+                *text,
+                fast.build(&schema).unwrap(),
+                full.build(&schema).unwrap(),
+            ));
+        }
+        let mut rng = fastrand::Rng::with_seed(2026_11_26);
+        let mut failures = Vec::new();
+        let mut verdicts = vec![[0usize; 2]; pairs.len()];
+        for _ in 0..4_000 {
+            let text = serde_json::to_string(&random_value(&mut rng, 0)).unwrap();
+            let Some(document) = Document::parse(&text) else {
+                assert!(
+                    text.contains('\\'),
+                    "only escaped names are refused here: {text}"
+                );
+                continue;
+            };
+            let value: Value = serde_json::from_str(&text).unwrap();
+            for (k, (schema, fast, full)) in pairs.iter().enumerate() {
+                let verdict = full.is_valid(&value);
+                verdicts[k][usize::from(verdict)] += 1;
+                if fast.is_valid(document.root()) != verdict {
+                    failures.push(format!("{schema} on {text}"));
+                }
+            }
+        }
+        for ((schema, _, _), [invalid, valid]) in pairs.iter().zip(&verdicts) {
+            assert!(
+                *invalid > 10 && *valid > 10,
+                "{schema}: {valid} valid, {invalid} invalid: the documents do not exercise it"
+            );
+        }
+        assert!(
+            failures.is_empty(),
+            "{} disagreements, e.g. {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
 }
