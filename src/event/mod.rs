@@ -63,11 +63,11 @@ pub enum RunAt {
 /// The published record is a JSON object: the envelope (`id`, `event_type`, `created_at`, and
 /// `tags` when [`Event::TAGGED`]) followed by the attributes.
 ///
-/// `journal!` serializes an event more than once (a check for unrepresentable numbers and
-/// nesting, the published text, the value the schemas validate), so its `Serialize` must give
-/// the same output each time, as derived ones do: a field that changes between calls (a
-/// counter, the clock, a lock another thread writes to) could be published differently from
-/// what was validated. Take such values into a plain field before journaling.
+/// `journal!` serializes an event twice (a check for unrepresentable numbers and nesting, then
+/// the published text, which the schemas read), so its `Serialize` must give the same output
+/// each time, as derived ones do: a field that changes between calls (a counter, the clock, a
+/// lock another thread writes to) could slip a NaN or too deep a nesting past the check. Take
+/// such values into a plain field before journaling.
 pub trait Event: Serialize {
     /// The event type; also the name of its schema file, `<event_type>.json`.
     const EVENT_TYPE: &'static str;
@@ -823,9 +823,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// The schemas see the value the published text reads back as: built straight from an
-    /// event without `f32`s, parsed from the text when it has one (`0.1_f32` would otherwise
-    /// be seen as 0.10000000149011612 and break `maximum: 0.1`).
+    /// The schemas see the value the published text reads as: an `f32` of 0.1 is 0.1 (as a
+    /// Rust value it widens to 0.10000000149011612, which would break `maximum: 0.1`).
     #[test]
     fn schemas_see_what_is_published() {
         let (schemas, dir) = schemas_in(
