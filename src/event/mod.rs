@@ -115,8 +115,7 @@ pub(crate) struct Prepared {
     pub event_type: &'static str,
     pub stream: String,
     pub partition_key: String,
-    /// The exact JSON bytes that will be published: the value the schemas validated is this
-    /// text as parsed, or the same event serialized straight into a value (see [`Event`]).
+    /// The exact JSON bytes that will be published, which the schemas read.
     /// An ordered event's sequence is not in it: see [`published_data`](Self::published_data).
     pub data: String,
     pub priority: i32,
@@ -314,30 +313,18 @@ pub(crate) fn prepare<E: Event>(
     let own_key = event.partition_key();
     let ordered = (E::ORDERED || config.is_ordered_stream(&stream)) && own_key.is_some();
 
-    // Written by the envelope, once each: a second one is the event's own.
-    let mut reserved: [(&str, usize); 5] = [
-        ("id", 1),
-        ("event_type", 1),
-        ("created_at", 1),
-        ("", 0),
-        ("", 0),
-    ];
-    let mut named = 3;
-    for (name, written, applies) in [("tags", 1, E::TAGGED), ("sequence", 0, ordered)] {
-        if applies {
-            reserved[named] = (name, written);
-            named += 1;
-        }
-    }
-    let reserved = &reserved[..named];
+    // The envelope's names, refused as attributes. With a document the scanner found no name
+    // repeated, so none of the names the envelope writes is the event's own too: only
+    // `sequence` (written at commit) can be taken.
     let taken = match &document {
-        Some(document) => document.root_names_over(reserved),
+        Some(document) => (ordered && document.root_has("sequence")).then_some("sequence"),
         None => {
             let attributes: serde_json::Map<String, Value> =
                 serde_json::from_str(&attributes_json).map_err(|e| serialization(e.to_string()))?;
-            reserved
-                .iter()
-                .map(|(name, _)| *name)
+            ["id", "event_type", "created_at"]
+                .into_iter()
+                .chain(E::TAGGED.then_some("tags"))
+                .chain(ordered.then_some("sequence"))
                 .find(|name| attributes.contains_key(*name))
         }
     };
