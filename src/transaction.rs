@@ -76,7 +76,9 @@ pub struct Enqueued<'a> {
     pub partition_key: &'a str,
     /// Its job priority.
     pub priority: i32,
-    /// Its exact JSON.
+    /// Its exact JSON. An ordered event's `sequence` is in it where the writer takes it
+    /// (SQLite); on PostgreSQL the worker numbers ordered events after the commit, so it is
+    /// not there yet.
     pub data: &'a str,
 }
 
@@ -280,7 +282,7 @@ impl<DB: Backend> Journaled<DB> {
                 let ids;
                 let jobs;
                 if prepared.ordered {
-                    // The sequence and the job commit together: no gap.
+                    // The job and its key's lock (or sequence) commit together: no gap.
                     let mut tx = DB::begin(&self.pool).await?;
                     (jobs, ids) =
                         insert_taking_sequences::<DB>(&mut tx, std::slice::from_mut(&mut prepared))
@@ -550,9 +552,10 @@ fn ordered_keys(staged: &[Prepared]) -> Vec<(String, String, i64)> {
         .collect()
 }
 
-/// Takes the ordered events' sequences and inserts the jobs, in one statement on PostgreSQL
-/// (one round trip, as for unordered events): the records carry placeholders that the
-/// database fills. `None` when nothing is ordered.
+/// Inserts the jobs of a transaction with ordered events, in one statement on PostgreSQL (one
+/// round trip, as for unordered events): the records carry placeholders for their sequences,
+/// taken here on SQLite (and set on the events), by the worker after the commit on
+/// PostgreSQL. `None` when nothing is ordered.
 async fn insert_taking_sequences<DB: Backend>(
     conn: &mut DB::Connection,
     staged: &mut [Prepared],
@@ -579,9 +582,11 @@ async fn insert_taking_sequences<DB: Backend>(
     drop(index);
     let (jobs, job_keys) = store::records::group_taking_sequences(staged, &slots, keys.len());
     let (ids, bases) = DB::insert_jobs_taking_sequences(conn, &keys, &jobs, &job_keys).await?;
-    for (event, slot) in staged.iter_mut().zip(slots) {
-        if let Some((k, n)) = slot {
-            event.sequence = Some(bases[k] + n);
+    if let Some(bases) = bases {
+        for (event, slot) in staged.iter_mut().zip(slots) {
+            if let Some((k, n)) = slot {
+                event.sequence = Some(bases[k] + n);
+            }
         }
     }
     Ok(Some((jobs, ids)))

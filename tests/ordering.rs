@@ -56,6 +56,25 @@ impl journaled::Event for HandWritten {
     }
 }
 
+/// An ordered event on one key with a priority of its own (so one job each).
+#[derive(Serialize)]
+struct Prioritized {
+    n: i64,
+}
+
+impl journaled::Event for Prioritized {
+    const EVENT_TYPE: &'static str = "free_event";
+    const ORDERED: bool = true;
+
+    fn partition_key(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some("prioritized".into())
+    }
+
+    fn priority(&self) -> Option<i32> {
+        Some(self.n as i32)
+    }
+}
+
 /// An ordered event whose schema forbids properties it does not list (`sequence` too).
 #[derive(Serialize, journaled::Event)]
 #[journaled(event_type = "strict_ordered_event", ordered)]
@@ -302,6 +321,11 @@ async fn parked_or_none<DB: Backend>(pool: &sqlx::Pool<DB>) -> Vec<journaled::st
             eprintln!("listing parked keys failed, polling again: {e}");
             Vec::new()
         })
+}
+
+/// Whether the backend is PostgreSQL, where the worker numbers ordered events.
+fn postgres<DB: Backend>() -> bool {
+    std::any::type_name::<DB>().contains("Postgres")
 }
 
 /// Per partition key, the sequences in the order they first appear in the stream.
@@ -620,9 +644,15 @@ async fn a_large_ordered_transaction_spans_jobs_in_order<DB: Backend + AppSql>(d
     for job in &jobs {
         for record in job.records().unwrap() {
             let text = String::from_utf8(record.data().to_vec()).unwrap();
+            // On PostgreSQL the worker numbers ordered events after the commit: what
+            // `on_enqueue` heard has no sequence yet, and is otherwise the same bytes.
+            let mut heard = text.clone();
+            if let (Some(seq), true) = (record.sequence, postgres::<DB>()) {
+                heard = heard.replacen(&format!(",\"sequence\":{seq}"), "", 1);
+            }
             assert_eq!(
                 reported.get(&record.id.to_string()),
-                Some(&text),
+                Some(&heard),
                 "stored bytes differ from those reported"
             );
             assert!(!text.contains('\u{1}'), "a placeholder left: {text}");
@@ -786,6 +816,8 @@ async fn a_lost_sequence_parks_its_key<DB: Backend + AppSql>(db: &TestDb<DB>) {
         .unwrap();
         tx.commit().await.unwrap();
     }
+    // Numbered (on PostgreSQL the worker numbers them; listing them does too), then lost.
+    assert_eq!(journaled.jobs().await.unwrap().len(), 6);
     let mut conn = db.pool.acquire().await.unwrap();
     DB::exec(&mut conn, DB::DELETE_OLDEST_JOB).await; // c's 1
     DB::exec(&mut conn, DB::KILL_OLDEST_JOB).await; // a's 1
@@ -983,12 +1015,13 @@ async fn progress_and_parking_survive_database_errors() {
     assert_eq!(delivered, 2);
 }
 
-/// On PostgreSQL an ordered job is stored with described placeholders and its own keys'
-/// sequence bases (the writer's statement splices nothing into the text), and read back
-/// filled, by `jobs()` and by the worker. A job whose bases were lost is dead as corrupt, with
-/// the reason; the other keys flow in order.
+/// On PostgreSQL an ordered job is stored unnumbered: with described placeholders, its own
+/// keys and the statement's count of each (the writer's statement takes advisory locks, no
+/// sequence), not due and not retryable until the worker numbers it. Listing the jobs numbers
+/// them as the worker would, and they are read back filled. A job whose bases were lost is dead
+/// as corrupt, with the reason; the other keys flow in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ordered_jobs_are_stored_with_their_bases_and_filled_when_read() {
+async fn ordered_jobs_are_stored_unnumbered_and_filled_when_read() {
     let db = TestDb::<sqlx::Postgres>::new().await;
     let journaled = db.migrated().await;
     let emulator = Emulator::start(Kind::Kinesalite).await;
@@ -1008,21 +1041,39 @@ async fn ordered_jobs_are_stored_with_their_bases_and_filled_when_read() {
         }
         tx.commit().await.unwrap();
     }
-    let stored: Vec<(i64, String, Option<Vec<i64>>)> =
-        sqlx::query_as("SELECT id, records, sequence_bases FROM journaled.jobs ORDER BY id")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(stored.len(), 3);
-    let p = '\u{1}';
-    assert!(stored[0].1.contains(&format!("\"sequence\":{p}1.1{p}")));
-    assert!(
-        stored
-            .iter()
-            .all(|(_, records, _)| !records.contains("\"sequence\":1"))
+    type Stored = (
+        i64,
+        String,
+        Option<Vec<i64>>,
+        Option<i64>,
+        Option<Vec<String>>,
+        Option<Vec<i64>>,
+        bool,
     );
-    let bases: Vec<_> = stored.iter().map(|s| s.2.clone()).collect();
-    assert_eq!(bases, [Some(vec![0, 0]), Some(vec![2]), Some(vec![0])]);
+    let stored = || async {
+        let rows: Vec<Stored> = sqlx::query_as(
+            "SELECT id, records, sequence_bases, sequence_group, sequence_keys, sequence_counts, ready \
+             FROM journaled.jobs ORDER BY id",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        rows
+    };
+    let before = stored().await;
+    assert_eq!(before.len(), 3);
+    let p = '\u{1}';
+    assert!(before[0].1.contains(&format!("\"sequence\":{p}1.1{p}")));
+    assert!(before.iter().all(|j| !j.1.contains("\"sequence\":1")));
+    assert!(before.iter().all(|j| j.2.is_none() && j.3.is_some() && !j.6));
+    let keys: Vec<_> = before.iter().map(|j| j.4.clone().unwrap()).collect();
+    assert_eq!(keys, [vec!["a", "b"], vec!["a"], vec!["c"]]);
+    let counts: Vec<_> = before.iter().map(|j| j.5.clone().unwrap()).collect();
+    assert_eq!(counts, [vec![2, 1], vec![1], vec![1]]);
+    // Not due until numbered: `retry JOB` does not make it so.
+    let first = journaled::store::JobId(before[0].0);
+    assert_eq!(journaled::store::retry(&db.pool, Some(first)).await.unwrap(), 0);
+
     let read: Vec<_> = sequences(&journaled)
         .await
         .into_iter()
@@ -1037,9 +1088,14 @@ async fn ordered_jobs_are_stored_with_their_bases_and_filled_when_read() {
         expected.map(|(k, s)| (k.to_owned(), s)),
         "filled when read"
     );
+    let after = stored().await;
+    let bases: Vec<_> = after.iter().map(|j| j.2.clone()).collect();
+    assert_eq!(bases, [Some(vec![0, 0]), Some(vec![2]), Some(vec![0])]);
+    assert!(after.iter().all(|j| j.3.is_none() && j.4.is_none() && j.6));
+    assert!(after[0].1.contains(&format!("\"sequence\":{p}1.1{p}")));
 
     sqlx::query("UPDATE journaled.jobs SET sequence_bases = '{}' WHERE id = $1")
-        .bind(stored[2].0)
+        .bind(after[2].0)
         .execute(&db.pool)
         .await
         .unwrap();
@@ -1056,42 +1112,212 @@ async fn ordered_jobs_are_stored_with_their_bases_and_filled_when_read() {
                 .is_some_and(|e| e.contains("sequence placeholder"))
     })
     .await;
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
-    let order = first_appearances(&emulator, "test_stream").await;
-    assert_eq!(order.get("a"), Some(&vec![1, 2, 3]));
-    assert_eq!(order.get("b"), Some(&vec![1]));
-    assert_eq!(order.get("c"), None);
 
-    // A key this process took sequences for is UPDATEd, not upserted; when its row is gone
-    // (here deleted by hand), that statement inserts nothing and the upsert follows.
-    sqlx::query("DELETE FROM journaled.jobs WHERE dead_at IS NOT NULL")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let key = format!("fresh-{}", uuid::Uuid::now_v7().simple());
-    for _ in 0..2 {
-        sqlx::query("DELETE FROM journaled.key_sequences WHERE partition_key = $1")
-            .bind(&key)
-            .execute(&db.pool)
-            .await
-            .unwrap();
+    // Committed while the worker runs: it numbers them itself, in order.
+    for n in 0..3 {
         let mut tx = journaled.begin().await.unwrap();
         journal!(
             tx,
             Ordered {
-                account: key.clone(),
-                n: 0
+                account: "a".into(),
+                n
             }
         )
         .unwrap();
         tx.commit().await.unwrap();
     }
-    let fresh: Vec<_> = sequences(&journaled)
+    wait_until(60, "a's later records delivered", || async {
+        first_appearances(&emulator, "test_stream")
+            .await
+            .get("a")
+            .is_some_and(|a| a.len() == 6)
+    })
+    .await;
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    let order = first_appearances(&emulator, "test_stream").await;
+    assert_eq!(order.get("a"), Some(&vec![1, 2, 3, 4, 5, 6]));
+    assert_eq!(order.get("b"), Some(&vec![1]));
+    assert_eq!(order.get("c"), None);
+}
+
+/// Transactions waiting on an advisory lock, seen from another session.
+async fn lock_waiters(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        .fetch_one(pool)
         .await
-        .into_iter()
-        .filter(|(k, ..)| *k == key)
-        .map(|(_, envelope, record, _)| (envelope, record))
-        .collect();
-    assert_eq!(fresh, [(Some(1), Some(1)), (Some(1), Some(1))]);
+        .unwrap()
+}
+
+/// Journals `n` ordered events on `key` and commits, in a task of its own.
+fn commit_in_task(
+    journaled: &Journaled<sqlx::Postgres>,
+    keys: Vec<String>,
+) -> tokio::task::JoinHandle<()> {
+    let journaled = journaled.clone();
+    tokio::spawn(async move {
+        let mut tx = journaled.begin().await.unwrap();
+        for (n, account) in keys.into_iter().enumerate() {
+            journal!(
+                tx,
+                Ordered {
+                    account,
+                    n: n as i64
+                }
+            )
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    })
+}
+
+/// On PostgreSQL a writer of an ordered key holds the key's lock from its job's INSERT to its
+/// COMMIT: a second writer of the key waits for it (so the key's jobs get ids, and numbers, in
+/// commit order), a writer of another key does not. A transaction of more keys than it locks
+/// one by one takes the global key exclusively: it waits for the ordered writers in progress,
+/// and those after it wait for it. Two journaled transactions inside one application
+/// transaction (savepoints) are numbered in `journal!` order. A job deleted before it was
+/// numbered leaves no gap; a dead one is numbered and stays dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_writers_commit_in_turn_and_are_numbered_in_commit_order() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut app_tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    for n in [1, 2] {
+        let mut jtx = journaled.begin_on(&mut app_tx).await.unwrap();
+        journal!(
+            jtx,
+            Ordered {
+                account: "x".into(),
+                n
+            }
+        )
+        .unwrap();
+        journal!(
+            jtx,
+            Ordered {
+                account: "x".into(),
+                n: n * 10
+            }
+        )
+        .unwrap();
+        jtx.commit().await.unwrap();
+    }
+    // x is locked until app_tx commits: another writer of x waits, one of y does not.
+    let second = commit_in_task(&journaled, vec!["x".into()]);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        commit_in_task(&journaled, vec!["y".into()]),
+    )
+    .await
+    .expect("a writer of another key does not wait")
+    .unwrap();
+    wait_until(30, "the second writer of x waits", || async {
+        lock_waiters(&db.pool).await == 1
+    })
+    .await;
+    assert!(!second.is_finished());
+    // Many keys: the global key exclusively, behind app_tx; a writer of z queues behind it.
+    let many: Vec<String> = (0..40).map(|k| format!("m{k}")).collect();
+    let big = commit_in_task(&journaled, many.clone());
+    wait_until(30, "the transaction of many keys waits", || async {
+        lock_waiters(&db.pool).await == 2
+    })
+    .await;
+    let after_big = commit_in_task(&journaled, vec!["z".into()]);
+    wait_until(30, "a writer of z waits behind it", || async {
+        lock_waiters(&db.pool).await == 3
+    })
+    .await;
+    app_tx.commit().await.unwrap();
+    drop(conn);
+    for task in [second, big, after_big] {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("every writer commits")
+            .unwrap();
+    }
+
+    // Lost before numbering: deleted (no gap), or dead (numbered, stays dead).
+    for n in [100, 101] {
+        let mut tx = journaled.begin().await.unwrap();
+        journal!(
+            tx,
+            Ordered {
+                account: "w".into(),
+                n
+            }
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    sqlx::query(
+        "DELETE FROM journaled.jobs WHERE id = (SELECT min(id) FROM journaled.jobs \
+         WHERE sequence_keys = ARRAY['w'])",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE journaled.jobs SET dead_at = now() WHERE sequence_keys = ARRAY['w']")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let mut per_key: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for (key, envelope, _, text) in sequences(&journaled).await {
+        let n = serde_json::from_str::<Value>(&text).unwrap()["n"].as_i64().unwrap();
+        per_key.entry(key).or_default().push((envelope.unwrap(), n));
+    }
+    assert_eq!(per_key["x"], [(1, 1), (2, 10), (3, 2), (4, 20), (5, 0)]);
+    assert_eq!(per_key["y"], [(1, 0)]);
+    assert_eq!(per_key["z"], [(1, 0)]);
+    assert_eq!(per_key["w"], [(1, 101)]);
+    for (n, key) in many.iter().enumerate() {
+        assert_eq!(per_key[key], [(1, n as i64)], "{key}");
+    }
+    let dead: Vec<(bool, bool)> = sqlx::query_as(
+        "SELECT ready, dead_at IS NOT NULL FROM journaled.jobs WHERE sequence_bases = ARRAY[0::int8] \
+         AND strpos(records, '\"account\":\"w\"') > 0",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead, [(false, true)]);
+}
+
+/// On PostgreSQL the worker numbers at most 1,000 jobs a round and never splits a statement's
+/// jobs: one statement of 1,001 jobs is numbered whole, and a statement cut by a round's end
+/// waits for the next round; the numbers follow `journal!` order across all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbering_takes_whole_statements_however_large() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    // 1,001 jobs in one statement: a priority per event.
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 0..1_001 {
+        journal!(tx, Prioritized { n }).unwrap();
+    }
+    tx.commit().await.unwrap();
+    // 998 statements of one job, then one of three jobs across the next round's start.
+    for n in 0..998 {
+        journal!(journaled, Prioritized { n: 2_000 + n })
+            .await
+            .unwrap();
+    }
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 0..3 {
+        journal!(tx, Prioritized { n: 3_000 + n }).unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut got = Vec::new();
+    for (_, envelope, _, text) in sequences(&journaled).await {
+        let n = serde_json::from_str::<Value>(&text).unwrap()["n"].as_i64().unwrap();
+        got.push((envelope.unwrap(), n));
+    }
+    got.sort_unstable();
+    let ns: Vec<i64> = got.iter().map(|g| g.1).collect();
+    let expected: Vec<i64> = (0..1_001).chain(2_000..2_998).chain(3_000..3_003).collect();
+    assert_eq!(ns, expected);
+    assert_eq!(got.last().unwrap().0, expected.len() as i64);
 }

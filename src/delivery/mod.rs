@@ -188,6 +188,15 @@ impl<DB: Backend> Worker<DB> {
             while units.try_join_next().is_some() {}
             sequence += 1;
             let owner = format!("{id}:{sequence}");
+            // Ordered jobs committed since the last claim get their numbers and fall due
+            // (PostgreSQL; one worker at a time, the others go on). A failure here is the
+            // claim's to report: it meets the same database.
+            if let Err(e) = DB::number_sequences(&shared.pool, false)
+                .instrument(tracing::debug_span!("number_sequences"))
+                .await
+            {
+                tracing::warn!(error = %e, "numbering ordered jobs failed");
+            }
             let claimed = DB::claim(
                 &shared.pool,
                 &owner,

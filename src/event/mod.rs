@@ -121,9 +121,10 @@ pub(crate) struct Prepared {
     pub priority: i32,
     /// Resolved when the job is written, so that events with the same delay share a job.
     pub run_at: Option<RunAt>,
-    /// Delivered in commit order per (stream, partition key): a sequence is taken at commit.
+    /// Delivered in commit order per (stream, partition key), with a sequence.
     pub ordered: bool,
-    /// The sequence taken at commit (ordered events only).
+    /// The sequence, when the writer takes it (SQLite); on PostgreSQL the worker numbers
+    /// ordered events after the commit, and this stays `None`.
     pub sequence: Option<i64>,
     /// Where in `data` the sequence goes: right after `created_at`.
     pub splice_at: usize,

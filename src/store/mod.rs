@@ -28,6 +28,12 @@ macro_rules! impl_backend {
             {
                 Box::pin(insert_jobs_taking_sequences(conn, keys, jobs, job_keys))
             }
+            fn number_sequences(
+                pool: &$pool,
+                wait: bool,
+            ) -> $crate::store::BoxFuture<'_, Result<u64, $crate::Error>> {
+                Box::pin(number_sequences(pool, wait))
+            }
             fn key_positions<'a>(
                 pool: &'a $pool,
                 keys: &'a [(String, String)],
@@ -246,8 +252,9 @@ impl std::fmt::Display for JobId {
     }
 }
 
-/// The ids of jobs inserted, and per ordered key the sequence before the first it took.
-pub type JobsAndBases = (Vec<JobId>, Vec<i64>);
+/// The ids of jobs inserted, and per ordered key the sequence before the first it took, when
+/// the writer takes them (SQLite; on PostgreSQL the worker numbers the jobs after the commit).
+pub type JobsAndBases = (Vec<JobId>, Option<Vec<i64>>);
 
 /// A job about to be inserted.
 #[derive(Debug, Clone)]
@@ -476,25 +483,32 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         jobs: &'c [NewJob],
     ) -> BoxFuture<'c, Result<Vec<JobId>, Error>>;
 
-    /// Takes `count` sequences for each (stream, partition key, count) of `keys`, in the
-    /// caller's transaction (keys locked in the order given: sort them, so that writers lock
-    /// keys in one order and never deadlock), and inserts `jobs` in the same statement, one
-    /// round trip. The jobs' records hold placeholders: U+0001, `k`, `.`, `n`, U+0001 stands
-    /// for the `n`th sequence taken now of the job's own key number `k`, which is key number
-    /// `job_keys[job][k]` of `keys` (see [`records::group_taking_sequences`]). Returns the job
-    /// ids and, per key, the sequence before the first taken.
+    /// Inserts `jobs`, whose events take `count` sequences for each (stream, partition key,
+    /// count) of `keys` (sorted, so that writers of several keys lock them in one order and
+    /// never deadlock), in the caller's transaction, one statement. The jobs' records hold
+    /// placeholders: U+0001, `k`, `.`, `n`, U+0001 stands for the `n`th sequence the statement
+    /// takes of the job's own key number `k`, which is key number `job_keys[job][k]` of `keys`
+    /// (see [`records::group_taking_sequences`]). Returns the job ids and, when this backend
+    /// numbers at the writer, per key the sequence before the first taken.
     ///
-    /// PostgreSQL stores each job as it is with its own keys' bases beside it, and fills the
-    /// placeholders when the job is read (see [`fill_sequences`]): splicing numbers into the
-    /// text inside the writer's statement cost a third of the commit throughput at 16
-    /// connections. SQLite takes two statements and stores the records filled: it is
-    /// in-process, there is no round trip to save.
+    /// PostgreSQL takes no sequence here: the statement takes an advisory lock per key, held
+    /// to the commit (so a key's jobs get ids in commit order), and stores the jobs unnumbered
+    /// with their keys; the worker numbers them ([`Backend::number_sequences`]) and the
+    /// placeholders are filled when a job is read (see [`fill_sequences`]). Reading, or even
+    /// updating, a key's row in every writer's statement cost ordered commits 7–14 % of their
+    /// throughput. SQLite (one writer at a time) takes the sequences from the keys' rows in a
+    /// second statement and stores the records filled.
     fn insert_jobs_taking_sequences<'c>(
         conn: &'c mut Self::Connection,
         keys: &'c [(String, String, i64)],
         jobs: &'c [NewJob],
         job_keys: &'c [Vec<i64>],
     ) -> BoxFuture<'c, Result<JobsAndBases, Error>>;
+
+    /// Numbers unnumbered ordered jobs (PostgreSQL; nothing to do on SQLite) in commit order
+    /// per key and makes them due; one process at a time: with `wait` it waits for another
+    /// one numbering, without it leaves the work to that one. Returns how many it numbered.
+    fn number_sequences(pool: &sqlx::Pool<Self>, wait: bool) -> BoxFuture<'_, Result<u64, Error>>;
 
     /// Where each ordered (stream, key) stands, in order: its last delivered sequence (0 when
     /// none) and whether it is parked.

@@ -61,6 +61,11 @@ pub(crate) static MIGRATIONS: &[Migration] = &[
         description: "ordered jobs' sequence bases, filled on read",
         sql: include_str!("../../migrations/postgres/0008_job_sequence_bases.sql"),
     },
+    Migration {
+        version: 9,
+        description: "ordered jobs numbered by the worker, in commit order",
+        sql: include_str!("../../migrations/postgres/0009_numbered_by_the_worker.sql"),
+    },
 ];
 
 /// The jobs' priorities, set due times, delays (seconds) and event counts, as the arrays a
@@ -128,172 +133,314 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
     Ok(ids.into_iter().map(JobId).collect())
 }
 
-/// The one job of a one-key transaction, inserted with its key's base from the `taken` CTE
-/// (which yields no row when the key's row is missing: then no job either).
-macro_rules! one_job_from_taken {
-    () => {
-        "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
-         SELECT $4, r, r, r <= now(), $7, $8, $9, ARRAY[taken.base] \
-         FROM taken, (SELECT coalesce($5, now() + make_interval(secs => coalesce($6, 0))) AS r) AS due \
-         RETURNING id, sequence_bases[1]"
-    };
-}
+/// The advisory key every writer of ordered events holds shared until it commits, or
+/// exclusively when it has more than [`MAX_KEY_LOCKS`] keys ("jordered"; migration 9's
+/// `journaled.lock_ordered_keys` names it too).
+const ORDERED_LOCK: i64 = 0x6a6f_7264_6572_6564;
+/// The advisory key of the one process numbering ordered jobs at a time ("jnumbers").
+const NUMBERING_LOCK: i64 = 0x6a6e_756d_6265_7273;
+/// Most ordered keys a transaction locks one by one; one with more locks every ordered writer
+/// out until it commits (the global key, exclusively), so that no transaction fills
+/// PostgreSQL's shared lock table (`max_locks_per_transaction` × `max_connections` entries
+/// for all sessions together: 6,400 by default).
+pub(crate) const MAX_KEY_LOCKS: usize = 32;
 
-/// Most keys [`known_key`] remembers; it forgets them all when full (it is only a hint).
-const KNOWN_KEYS: usize = 1 << 16;
-
-/// Hashes of the (stream, key)s this process took sequences for: their rows exist (unless
-/// someone deleted them, which the statement notices).
-static KNOWN: std::sync::Mutex<Option<std::collections::HashSet<u64>>> =
-    std::sync::Mutex::new(None);
-
-fn key_hash(stream: &str, key: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (stream, key).hash(&mut hasher);
-    hasher.finish()
-}
-
-/// Whether this process has taken sequences for (stream, key), so that its row exists.
-fn known_key(stream: &str, key: &str) -> bool {
-    let hash = key_hash(stream, key);
-    KNOWN
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|known| known.contains(&hash))
-}
-
-fn remember_key(stream: &str, key: &str) {
-    let hash = key_hash(stream, key);
-    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
-    let known = known.get_or_insert_with(Default::default);
-    if known.len() >= KNOWN_KEYS {
-        known.clear();
+/// A (stream, key)'s advisory lock: FNV-1a over both (0xff, which UTF-8 never holds, between
+/// them), the same in every process and every version, as two `int4` keys.
+fn key_lock(stream: &str, key: &str) -> (i32, i32) {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in stream.bytes().chain([0xff]).chain(key.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    known.insert(hash);
+    ((hash >> 32) as u32 as i32, hash as u32 as i32)
 }
 
-/// One statement: upsert the keys' sequence rows (locked in the order given), then insert the
-/// jobs with their placeholders and each job's own keys' bases beside them (filled when the job
-/// is read: see [`Backend::insert_jobs_taking_sequences`]); returns the jobs' ids and each
-/// key's base.
+/// What identifies one statement's jobs to the numbering worker: the 62 random bits at the
+/// end of a UUIDv7.
+fn statement_group() -> i64 {
+    (uuid::Uuid::now_v7().as_u64_pair().1 & (u64::MAX >> 2)) as i64
+}
+
+/// Inserts ordered jobs unnumbered, one statement: the keys' advisory locks first (held until
+/// the transaction ends: see migration 9), then the jobs, each with its own keys and the
+/// statement's count for each, for the worker to number ([`number_sequences`]). Returns no
+/// bases: they are the worker's to take.
 #[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len(), ordered_keys = keys.len()), err)]
 async fn insert_jobs_taking_sequences(
     conn: &mut PgConnection,
     keys: &[(String, String, i64)],
     jobs: &[NewJob],
     job_keys: &[Vec<i64>],
-) -> Result<(Vec<JobId>, Vec<i64>), Error> {
+) -> Result<super::JobsAndBases, Error> {
+    let group = statement_group();
     if let ([(stream, key, count)], [job]) = (keys, jobs) {
-        // The usual transaction, one job and one key: the plainest statements, which cost
-        // writers little more than the job's INSERT alone. A key this process has seen take
-        // sequences has its row: an UPDATE of it (an upsert also locks the row first, one more
-        // WAL record). Another key, or one whose row is gone (the UPDATE inserts nothing),
-        // upserts it.
-        let known = known_key(stream, key);
-        let sql = if known {
-            concat!(
-                "WITH taken AS ( \
-                 UPDATE journaled.key_sequences SET seq = seq + $3 \
-                 WHERE stream = $1 AND partition_key = $2 \
-                 RETURNING seq - $3 AS base) ",
-                one_job_from_taken!()
-            )
-        } else {
-            concat!(
-                "WITH taken AS ( \
-                 INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
-                 VALUES ($1, $2, $3) \
-                 ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
-                 RETURNING seq - $3 AS base) ",
-                one_job_from_taken!()
-            )
-        };
-        let row: Option<(i64, i64)> = sqlx::query_as(sql)
-            .bind(stream)
-            .bind(key)
-            .bind(count)
-            .bind(job.priority)
-            .bind(job.run_at)
-            .bind(job.delay.map(|d| d.as_secs_f64()))
-            .bind(job.event_count)
-            .bind(job.bytes)
-            .bind(&job.records)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_error)?;
-        if !known {
-            remember_key(stream, key);
-        }
-        if let Some((id, base)) = row {
-            return Ok((vec![JobId(id)], vec![base]));
+        // The usual ordered transaction, one job of one key: two lock calls in one
+        // subquery (evaluated in order, before the row and its id exist) and a plain row.
+        let (hi, lo) = key_lock(stream, key);
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, \
+                 sequence_group, sequence_streams, sequence_keys, sequence_counts) \
+             SELECT $1, 'infinity', r, false, $4, $5, $6, $7, ARRAY[$8::text], ARRAY[$9::text], ARRAY[$10::int8] \
+             FROM (SELECT pg_advisory_xact_lock_shared($11), pg_advisory_xact_lock($12, $13)) AS locked, \
+                  (SELECT coalesce($2, now() + make_interval(secs => coalesce($3, 0))) AS r) AS due \
+             RETURNING id",
+        )
+        .bind(job.priority)
+        .bind(job.run_at)
+        .bind(job.delay.map(|d| d.as_secs_f64()))
+        .bind(job.event_count)
+        .bind(job.bytes)
+        .bind(&job.records)
+        .bind(group)
+        .bind(stream)
+        .bind(key)
+        .bind(count)
+        .bind(ORDERED_LOCK)
+        .bind(hi)
+        .bind(lo)
+        .fetch_one(conn)
+        .await
+        .map_err(db_error)?;
+        return Ok((vec![JobId(id)], None));
+    }
+    // The keys' locks sorted (every writer takes them in one order) and without repeats; too
+    // many, and the global key is taken exclusively instead.
+    let exclusive = keys.len() > MAX_KEY_LOCKS;
+    let mut locks: Vec<(i32, i32)> = if exclusive {
+        Vec::new()
+    } else {
+        keys.iter().map(|(s, k, _)| key_lock(s, k)).collect()
+    };
+    locks.sort_unstable();
+    locks.dedup();
+    let (his, los): (Vec<i32>, Vec<i32>) = locks.into_iter().unzip();
+    let (priorities, run_ats, delays, event_counts) = job_columns(jobs);
+    let bytes: Vec<i32> = jobs.iter().map(|j| j.bytes).collect();
+    let records: Vec<&str> = jobs.iter().map(|j| j.records.as_str()).collect();
+    // Each job's own keys, flattened: (job, stream, key, count), the job 1-based.
+    let mut own_jobs = Vec::new();
+    let mut own_streams = Vec::new();
+    let mut own_keys = Vec::new();
+    let mut own_counts = Vec::new();
+    for (j, own) in job_keys.iter().enumerate() {
+        for &k in own {
+            let (stream, key, count) = &keys[k as usize];
+            own_jobs.push(j as i32 + 1);
+            own_streams.push(stream.as_str());
+            own_keys.push(key.as_str());
+            own_counts.push(*count);
         }
     }
-    let rows: Vec<(i64, Vec<i64>)> = {
-        let streams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let partition_keys: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-        let counts: Vec<i64> = keys.iter().map(|k| k.2).collect();
-        let (priorities, run_ats, delays, event_counts) = job_columns(jobs);
-        let bytes: Vec<i32> = jobs.iter().map(|j| j.bytes).collect();
-        let records: Vec<&str> = jobs.iter().map(|j| j.records.as_str()).collect();
-        // Each job's own keys, flattened: (job, key), both 1-based.
-        let (own_jobs, own_keys): (Vec<i32>, Vec<i64>) = job_keys
-            .iter()
-            .enumerate()
-            .flat_map(|(j, own)| own.iter().map(move |&k| (j as i32 + 1, k + 1)))
-            .unzip();
-        sqlx::query_as(
-            "WITH taken AS ( \
-                 INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
-                 SELECT s, p, n FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
-                 ORDER BY o \
-                 ON CONFLICT (stream, partition_key) DO UPDATE SET seq = k.seq + EXCLUDED.seq \
-                 RETURNING stream, partition_key, seq), \
-             base AS ( \
-                 SELECT t.o, taken.seq - t.n AS base \
-                 FROM UNNEST($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS t(s, p, n, o) \
-                 JOIN taken ON taken.stream = t.s AND taken.partition_key = t.p), \
-             own AS ( \
-                 SELECT x.j, array_agg(base.base ORDER BY x.i) AS bases \
-                 FROM UNNEST($10::int4[], $11::int8[]) WITH ORDINALITY AS x(j, k, i) \
-                 JOIN base ON base.o = x.k \
-                 GROUP BY x.j) \
-             INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, sequence_bases) \
-             SELECT p, r, r, r <= now(), c, b, d, own.bases FROM ( \
-                 SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, b, d, n \
-                 FROM UNNEST($4::int4[], $5::timestamptz[], $6::float8[], $7::int4[], $8::int4[], $9::text[]) \
-                      WITH ORDINALITY AS t(p, a, dl, c, b, d, n)) AS due \
-             LEFT JOIN own ON own.j = due.n \
-             ORDER BY due.n \
-             RETURNING id, (SELECT array_agg(base.base ORDER BY base.o) FROM base)",
-        )
-        .bind(&streams)
-        .bind(&partition_keys)
-        .bind(&counts)
-        .bind(&priorities)
-        .bind(&run_ats)
-        .bind(&delays)
-        .bind(&event_counts)
-        .bind(&bytes)
-        .bind(&records)
-        .bind(&own_jobs)
-        .bind(&own_keys)
-        .fetch_all(conn)
-        .await
-        .map_err(db_error)?
-    };
-    let bases = rows.first().map(|r| r.1.clone()).unwrap_or_default();
-    if rows.len() != jobs.len() || bases.len() != keys.len() {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, \
+             sequence_group, sequence_streams, sequence_keys, sequence_counts) \
+         SELECT p, 'infinity', r, false, c, b, d, $7, own.streams, own.keys, own.counts FROM ( \
+             SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, b, d, n \
+             FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::int4[], $5::int4[], $6::text[]) \
+                  WITH ORDINALITY AS t(p, a, dl, c, b, d, n)) AS due \
+         CROSS JOIN (SELECT journaled.lock_ordered_keys($8, $9, $10) AS locks) AS locked \
+         LEFT JOIN ( \
+             SELECT j, array_agg(s ORDER BY i) AS streams, array_agg(k ORDER BY i) AS keys, \
+                    array_agg(n ORDER BY i) AS counts \
+             FROM UNNEST($11::int4[], $12::text[], $13::text[], $14::int8[]) WITH ORDINALITY AS x(j, s, k, n, i) \
+             GROUP BY j) AS own ON own.j = due.n \
+         ORDER BY due.n \
+         RETURNING id",
+    )
+    .bind(&priorities)
+    .bind(&run_ats)
+    .bind(&delays)
+    .bind(&event_counts)
+    .bind(&bytes)
+    .bind(&records)
+    .bind(group)
+    .bind(exclusive)
+    .bind(&his)
+    .bind(&los)
+    .bind(&own_jobs)
+    .bind(&own_streams)
+    .bind(&own_keys)
+    .bind(&own_counts)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)?;
+    if ids.len() != jobs.len() {
         return Err(Error::Database(sqlx::Error::Protocol(format!(
-            "{} jobs and {} sequences returned for {} jobs and {} keys",
-            rows.len(),
-            bases.len(),
-            jobs.len(),
-            keys.len()
+            "{} jobs inserted of {}",
+            ids.len(),
+            jobs.len()
         ))));
     }
-    Ok((rows.into_iter().map(|r| JobId(r.0)).collect(), bases))
+    Ok((ids.into_iter().map(JobId).collect(), None))
+}
+
+/// Unnumbered jobs numbered per round at most (a statement's jobs are never split: a larger
+/// statement is numbered alone).
+const NUMBER_BATCH: i64 = 1000;
+
+/// An unnumbered job: id, statement, and its own keys with the statement's count for each.
+type Unnumbered = (i64, i64, Vec<String>, Vec<String>, Vec<i64>);
+
+/// Most numbering rounds one call makes (each a transaction of up to [`NUMBER_BATCH`] jobs).
+const NUMBER_ROUNDS: usize = 8;
+
+/// Numbers unnumbered ordered jobs (see migration 9) in id order, which is commit order for
+/// each key: a whole statement's jobs at once, each key's events from the key's last sequence
+/// on, and makes them due. One process at a time: with `wait`, it waits for the one numbering;
+/// without, it leaves the work to it. Returns how many jobs it numbered.
+#[tracing::instrument(name = "journaled.number_sequences", skip_all, fields(numbered), err)]
+async fn number_sequences(pool: &PgPool, wait: bool) -> Result<u64, Error> {
+    let mut numbered = 0;
+    for _ in 0..NUMBER_ROUNDS {
+        let (done, more) = number_round(pool, wait).await?;
+        numbered += done;
+        if !more {
+            break;
+        }
+    }
+    tracing::Span::current().record("numbered", numbered);
+    Ok(numbered)
+}
+
+/// One numbering transaction; returns how many jobs it numbered and whether more may wait.
+async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool), Error> {
+    let any: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM journaled.jobs WHERE sequence_group IS NOT NULL)",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db_error)?;
+    if !any {
+        return Ok((0, false));
+    }
+    let mut tx = pool.begin().await?;
+    let locked: bool = if wait {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(NUMBERING_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        true
+    } else {
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(NUMBERING_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?
+    };
+    if !locked {
+        return Ok((0, false));
+    }
+    let select = "SELECT id, sequence_group, sequence_streams, sequence_keys, sequence_counts \
+                  FROM journaled.jobs WHERE sequence_group IS NOT NULL";
+    let mut rows: Vec<Unnumbered> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("{select} ORDER BY id LIMIT $1")))
+            .bind(NUMBER_BATCH)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    let more = rows.len() as i64 == NUMBER_BATCH;
+    if more {
+        // The last statement's jobs may go on past the batch: leave it for the next round,
+        // unless it is the only one, which is then taken whole.
+        let (after, last) = rows.last().map(|r| (r.0, r.1)).expect("a full batch");
+        if rows.iter().all(|r| r.1 == last) {
+            let rest: Vec<Unnumbered> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{select} AND sequence_group = $1 AND id > $2 ORDER BY id"
+            )))
+            .bind(last)
+            .bind(after)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            rows.extend(rest);
+        } else {
+            rows.retain(|r| r.1 != last);
+        }
+    }
+    let numbered = number(&mut tx, &rows).await?;
+    tx.commit().await?;
+    Ok((numbered, more))
+}
+
+/// Gives `rows` (unnumbered jobs in id order, whole statements) their bases, and the keys'
+/// rows their last sequences, in the numbering transaction.
+async fn number(conn: &mut PgConnection, rows: &[Unnumbered]) -> Result<u64, Error> {
+    use std::collections::HashMap;
+    // The keys' last sequences so far.
+    let mut last: HashMap<(&str, &str), i64> = HashMap::new();
+    for (_, _, streams, keys, _) in rows {
+        for (stream, key) in streams.iter().zip(keys) {
+            last.insert((stream.as_str(), key.as_str()), 0);
+        }
+    }
+    let (streams, keys): (Vec<&str>, Vec<&str>) = last.keys().copied().unzip();
+    let known: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT stream, partition_key, seq FROM journaled.key_sequences \
+         WHERE (stream, partition_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+    )
+    .bind(&streams)
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    for (stream, key, seq) in &known {
+        if let Some(at) = last.get_mut(&(stream.as_str(), key.as_str())) {
+            *at = *seq;
+        }
+    }
+    // In id order, which is commit order per key: a statement's key takes its sequences the
+    // first time one of the statement's jobs names it; its other jobs get the same base.
+    let mut taken: HashMap<(i64, &str, &str), i64> = HashMap::new();
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut starts = Vec::with_capacity(rows.len());
+    let mut lens = Vec::with_capacity(rows.len());
+    let mut bases = Vec::new();
+    for (id, group, streams, keys, counts) in rows {
+        ids.push(*id);
+        starts.push(bases.len() as i32 + 1);
+        lens.push(streams.len() as i32);
+        for ((stream, key), count) in streams.iter().zip(keys).zip(counts) {
+            let (stream, key) = (stream.as_str(), key.as_str());
+            let base = *taken.entry((*group, stream, key)).or_insert_with(|| {
+                let at = last.get_mut(&(stream, key)).expect("every key was read");
+                *at += count;
+                *at - count
+            });
+            bases.push(base);
+        }
+    }
+    let numbered = sqlx::query(
+        "UPDATE journaled.jobs j \
+         SET sequence_bases = ($4::int8[])[t.s : t.s + t.l - 1], \
+             sequence_group = NULL, sequence_streams = NULL, sequence_keys = NULL, sequence_counts = NULL, \
+             run_at = j.due_at, ready = j.dead_at IS NULL AND j.due_at <= now() \
+         FROM UNNEST($1::int8[], $2::int4[], $3::int4[]) AS t(id, s, l) \
+         WHERE j.id = t.id AND j.sequence_group IS NOT NULL",
+    )
+    .bind(&ids)
+    .bind(&starts)
+    .bind(&lens)
+    .bind(&bases)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .rows_affected();
+    let (streams, keys): (Vec<&str>, Vec<&str>) = last.keys().copied().unzip();
+    let seqs: Vec<i64> = last.values().copied().collect();
+    sqlx::query(
+        "INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
+         ON CONFLICT (stream, partition_key) DO UPDATE SET seq = EXCLUDED.seq",
+    )
+    .bind(&streams)
+    .bind(&keys)
+    .bind(&seqs)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(numbered)
 }
 
 async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
@@ -404,6 +551,8 @@ async fn migrate(pool: &PgPool) -> Result<(), Error> {
 }
 
 async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
+    // Committed ordered jobs are listed numbered, as the worker will send them.
+    number_sequences(pool, true).await?;
     let rows = sqlx::query(
         "SELECT id, priority, run_at, attempts, last_error, dead_at, created_at, event_count, records, sequence_bases \
          FROM journaled.jobs ORDER BY id",
@@ -603,7 +752,8 @@ async fn retry(pool: &PgPool, job: Option<JobId>) -> Result<u64, Error> {
         Some(id) => sqlx::query(
             "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
                  run_at = now(), ready = true, locked_by = NULL, locked_until = NULL \
-             WHERE id = $1 AND (dead_at IS NOT NULL OR locked_until IS NULL OR locked_until < now())",
+             WHERE id = $1 AND (dead_at IS NOT NULL OR locked_until IS NULL OR locked_until < now()) \
+               AND sequence_group IS NULL",
         )
         .bind(id.0),
         None => sqlx::query(
@@ -895,6 +1045,7 @@ async fn unpark(
 }
 
 async fn jobs_mentioning(pool: &PgPool, text: &str) -> Result<Vec<super::Mentioning>, Error> {
+    number_sequences(pool, true).await?;
     let rows: Vec<(i64, String, Option<Vec<i64>>, bool)> = sqlx::query_as(
         "SELECT id, records, sequence_bases, dead_at IS NOT NULL FROM journaled.jobs \
          WHERE strpos(records, $1) > 0 ORDER BY id",
