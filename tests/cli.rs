@@ -72,7 +72,7 @@ async fn migrate_runs_twice_on_postgres_and_sqlite() {
         .fetch_one(&pg.pool)
         .await
         .unwrap();
-    assert_eq!(count, 8, "every embedded migration, once");
+    assert_eq!(count, 9, "every embedded migration, once");
 }
 
 /// `journaled capture enable|list|disable` on PostgreSQL, as an operator runs them.

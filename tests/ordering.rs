@@ -575,6 +575,15 @@ struct UrgentOrdered {
     n: i64,
 }
 
+/// Not ordered, urgent: a job of its own among ordered ones.
+#[derive(Serialize, journaled::Event)]
+#[journaled(event_type = "free_event", priority = 1)]
+struct UrgentPlain {
+    #[journaled(partition_key)]
+    account: String,
+    n: i64,
+}
+
 /// One transaction of 1,300 ordered events on three keys, in two priorities (so several job
 /// rows, cut at 500 records), with unordered events between them, after a transaction that took
 /// some sequences already: the sequences continue per key in journal! order across every row,
@@ -633,11 +642,27 @@ async fn a_large_ordered_transaction_spans_jobs_in_order<DB: Backend + AppSql>(d
             )
             .unwrap();
         }
+        if n % 100 == 0 {
+            // A job of unordered events only, written by the same statement: due at once.
+            journal!(
+                tx,
+                UrgentPlain {
+                    account: "unordered".into(),
+                    n
+                }
+            )
+            .unwrap();
+        }
         expected.entry(account).or_default().push(n);
     }
     tx.commit().await.unwrap();
+    if postgres::<DB>() {
+        let due = "SELECT count(*) FROM journaled.jobs \
+                   WHERE priority = 1 AND ready AND sequence_group IS NULL";
+        assert_eq!(DB::count(&db.pool, due).await, 1, "no ordered event: due at its commit");
+    }
     let jobs = journaled.jobs().await.unwrap();
-    assert!(jobs.len() >= 4, "{} job rows", jobs.len());
+    assert!(jobs.len() >= 5, "{} job rows", jobs.len());
 
     let reported = reported.lock().unwrap().clone();
     let mut by_key: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();

@@ -235,7 +235,8 @@ async fn insert_jobs_taking_sequences(
     let ids: Vec<i64> = sqlx::query_scalar(
         "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, \
              sequence_group, sequence_streams, sequence_keys, sequence_counts) \
-         SELECT p, 'infinity', r, false, c, b, d, $7, own.streams, own.keys, own.counts FROM ( \
+         SELECT p, CASE WHEN own.j IS NULL THEN r ELSE 'infinity' END, r, own.j IS NULL AND r <= now(), c, b, d, \
+                CASE WHEN own.j IS NOT NULL THEN $7::int8 END, own.streams, own.keys, own.counts FROM ( \
              SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, b, d, n \
              FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::int4[], $5::int4[], $6::text[]) \
                   WITH ORDINALITY AS t(p, a, dl, c, b, d, n)) AS due \
@@ -280,7 +281,13 @@ async fn insert_jobs_taking_sequences(
 const NUMBER_BATCH: i64 = 1000;
 
 /// An unnumbered job: id, statement, and its own keys with the statement's count for each.
-type Unnumbered = (i64, i64, Vec<String>, Vec<String>, Vec<i64>);
+type Unnumbered = (
+    i64,
+    i64,
+    Option<Vec<String>>,
+    Option<Vec<String>>,
+    Option<Vec<i64>>,
+);
 
 /// Most numbering rounds one call makes (each a transaction of up to [`NUMBER_BATCH`] jobs).
 const NUMBER_ROUNDS: usize = 8;
@@ -366,13 +373,20 @@ async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool), Error> {
 
 /// Gives `rows` (unnumbered jobs in id order, whole statements) their bases, and the keys'
 /// rows their last sequences, in the numbering transaction.
-async fn number(conn: &mut PgConnection, rows: &[Unnumbered]) -> Result<u64, Error> {
+async fn number<'r>(conn: &mut PgConnection, rows: &'r [Unnumbered]) -> Result<u64, Error> {
     use std::collections::HashMap;
     // The keys' last sequences so far.
     let mut last: HashMap<(&str, &str), i64> = HashMap::new();
-    for (_, _, streams, keys, _) in rows {
-        for (stream, key) in streams.iter().zip(keys) {
-            last.insert((stream.as_str(), key.as_str()), 0);
+    let own = |row: &'r Unnumbered| {
+        let (streams, keys, counts) = (&row.2, &row.3, &row.4);
+        let streams = streams.as_deref().unwrap_or_default().iter();
+        let keys = keys.as_deref().unwrap_or_default().iter();
+        let counts = counts.as_deref().unwrap_or_default().iter();
+        streams.zip(keys).zip(counts).map(|((s, k), n)| (s.as_str(), k.as_str(), *n))
+    };
+    for row in rows {
+        for (stream, key, _) in own(row) {
+            last.insert((stream, key), 0);
         }
     }
     let (streams, keys): (Vec<&str>, Vec<&str>) = last.keys().copied().unzip();
@@ -397,19 +411,20 @@ async fn number(conn: &mut PgConnection, rows: &[Unnumbered]) -> Result<u64, Err
     let mut starts = Vec::with_capacity(rows.len());
     let mut lens = Vec::with_capacity(rows.len());
     let mut bases = Vec::new();
-    for (id, group, streams, keys, counts) in rows {
-        ids.push(*id);
+    for row in rows {
+        let (id, group) = (row.0, row.1);
+        ids.push(id);
         starts.push(bases.len() as i32 + 1);
-        lens.push(streams.len() as i32);
-        for ((stream, key), count) in streams.iter().zip(keys).zip(counts) {
-            let (stream, key) = (stream.as_str(), key.as_str());
-            let base = *taken.entry((*group, stream, key)).or_insert_with(|| {
+        let before = bases.len();
+        for (stream, key, count) in own(row) {
+            let base = *taken.entry((group, stream, key)).or_insert_with(|| {
                 let at = last.get_mut(&(stream, key)).expect("every key was read");
                 *at += count;
                 *at - count
             });
             bases.push(base);
         }
+        lens.push((bases.len() - before) as i32);
     }
     let numbered = sqlx::query(
         "UPDATE journaled.jobs j \
@@ -550,12 +565,24 @@ async fn migrate(pool: &PgPool) -> Result<(), Error> {
     Ok(())
 }
 
+/// A job's run-at time as listed: an unnumbered job's `run_at` is 'infinity' (which no
+/// timestamp type reads) until the worker numbers it; it is due at `due_at`.
+macro_rules! run_at {
+    () => {
+        "CASE WHEN sequence_group IS NULL THEN run_at ELSE due_at END AS run_at"
+    };
+}
+
 async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
     // Committed ordered jobs are listed numbered, as the worker will send them.
     number_sequences(pool, true).await?;
     let rows = sqlx::query(
-        "SELECT id, priority, run_at, attempts, last_error, dead_at, created_at, event_count, records, sequence_bases \
-         FROM journaled.jobs ORDER BY id",
+        concat!(
+            "SELECT id, priority, ",
+            run_at!(),
+            ", attempts, last_error, dead_at, created_at, event_count, records, sequence_bases \
+             FROM journaled.jobs ORDER BY id"
+        ),
     )
     .fetch_all(pool)
     .await?;
@@ -880,8 +907,12 @@ async fn trace(pool: &PgPool, event: EventId) -> Result<Trace, Error> {
     // The id as it is written in the records column.
     let needle = format!("{{\"id\":\"{event}\"");
     let job = sqlx::query(
-        "SELECT id, priority, run_at, attempts, last_error, dead_at, created_at \
-         FROM journaled.jobs WHERE strpos(records, $1) > 0 ORDER BY id LIMIT 1",
+        concat!(
+            "SELECT id, priority, ",
+            run_at!(),
+            ", attempts, last_error, dead_at, created_at \
+             FROM journaled.jobs WHERE strpos(records, $1) > 0 ORDER BY id LIMIT 1"
+        ),
     )
     .bind(&needle)
     .fetch_optional(pool)
