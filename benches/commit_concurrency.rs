@@ -17,12 +17,13 @@
 //! - (N) hand-written plus `pg_notify` in the transaction: what the dropped trigger did;
 //! - (Q) the library with `Config::with_notify(false)` (no coalesced NOTIFY to other processes);
 //! - (O) L with ordered events (issue 14), on keys no other writer uses: all 10 events of a
-//!   transaction on one key of the writer's own 100, so a transaction upserts one sequence row;
-//!   the keys are new to the database, so at 64 connections most transactions insert their key's
-//!   row;
-//! - (K) O on keys that recur: each writer's own 10, whose rows exist before the measurement
-//!   (an application whose aggregates are written more than once), so a transaction updates
-//!   its key's row in place;
+//!   transaction on one key of the writer's own 100, so a transaction takes its key's advisory
+//!   lock and writes its job unnumbered (no worker runs here to number it); the keys are new to
+//!   the database (before migration 9 a transaction upserted its key's sequence row, most of
+//!   them new at 64 connections);
+//! - (K) O on keys that recur: each writer's own 10, whose sequence rows exist before the
+//!   measurement (an application whose aggregates are written more than once; before
+//!   migration 9 a transaction updated its key's row in place);
 //! - (U) O's events, the same fields and keys, not ordered: what the ordering itself costs is
 //!   O against U, since O's events also carry a key field that L's do not.
 //!

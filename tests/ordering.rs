@@ -328,12 +328,15 @@ fn postgres<DB: Backend>() -> bool {
     std::any::type_name::<DB>().contains("Postgres")
 }
 
-/// Per partition key, the sequences in the order they first appear in the stream.
+/// Per partition key, the sequences in the order they first appear in the stream (unordered
+/// records, without one, left out).
 async fn first_appearances(emulator: &Emulator, stream: &str) -> BTreeMap<String, Vec<i64>> {
     let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for record in emulator.read(stream).await {
         let value: Value = serde_json::from_slice(&record.data).unwrap();
-        let seq = value["sequence"].as_i64().expect("an ordered record");
+        let Some(seq) = value["sequence"].as_i64() else {
+            continue;
+        };
         let seen = out.entry(record.partition_key).or_default();
         if !seen.contains(&seq) {
             seen.push(seq);
@@ -659,7 +662,11 @@ async fn a_large_ordered_transaction_spans_jobs_in_order<DB: Backend + AppSql>(d
     if postgres::<DB>() {
         let due = "SELECT count(*) FROM journaled.jobs \
                    WHERE priority = 1 AND ready AND sequence_group IS NULL";
-        assert_eq!(DB::count(&db.pool, due).await, 1, "no ordered event: due at its commit");
+        assert_eq!(
+            DB::count(&db.pool, due).await,
+            1,
+            "no ordered event: due at its commit"
+        );
     }
     let jobs = journaled.jobs().await.unwrap();
     assert!(jobs.len() >= 5, "{} job rows", jobs.len());
@@ -1090,14 +1097,23 @@ async fn ordered_jobs_are_stored_unnumbered_and_filled_when_read() {
     let p = '\u{1}';
     assert!(before[0].1.contains(&format!("\"sequence\":{p}1.1{p}")));
     assert!(before.iter().all(|j| !j.1.contains("\"sequence\":1")));
-    assert!(before.iter().all(|j| j.2.is_none() && j.3.is_some() && !j.6));
+    assert!(
+        before
+            .iter()
+            .all(|j| j.2.is_none() && j.3.is_some() && !j.6)
+    );
     let keys: Vec<_> = before.iter().map(|j| j.4.clone().unwrap()).collect();
     assert_eq!(keys, [vec!["a", "b"], vec!["a"], vec!["c"]]);
     let counts: Vec<_> = before.iter().map(|j| j.5.clone().unwrap()).collect();
     assert_eq!(counts, [vec![2, 1], vec![1], vec![1]]);
     // Not due until numbered: `retry JOB` does not make it so.
     let first = journaled::store::JobId(before[0].0);
-    assert_eq!(journaled::store::retry(&db.pool, Some(first)).await.unwrap(), 0);
+    assert_eq!(
+        journaled::store::retry(&db.pool, Some(first))
+            .await
+            .unwrap(),
+        0
+    );
 
     let read: Vec<_> = sequences(&journaled)
         .await
@@ -1291,7 +1307,9 @@ async fn a_keys_writers_commit_in_turn_and_are_numbered_in_commit_order() {
 
     let mut per_key: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
     for (key, envelope, _, text) in sequences(&journaled).await {
-        let n = serde_json::from_str::<Value>(&text).unwrap()["n"].as_i64().unwrap();
+        let n = serde_json::from_str::<Value>(&text).unwrap()["n"]
+            .as_i64()
+            .unwrap();
         per_key.entry(key).or_default().push((envelope.unwrap(), n));
     }
     assert_eq!(per_key["x"], [(1, 1), (2, 10), (3, 2), (4, 20), (5, 0)]);
@@ -1337,7 +1355,9 @@ async fn numbering_takes_whole_statements_however_large() {
     tx.commit().await.unwrap();
     let mut got = Vec::new();
     for (_, envelope, _, text) in sequences(&journaled).await {
-        let n = serde_json::from_str::<Value>(&text).unwrap()["n"].as_i64().unwrap();
+        let n = serde_json::from_str::<Value>(&text).unwrap()["n"]
+            .as_i64()
+            .unwrap();
         got.push((envelope.unwrap(), n));
     }
     got.sort_unstable();
@@ -1345,4 +1365,74 @@ async fn numbering_takes_whole_statements_however_large() {
     let expected: Vec<i64> = (0..1_001).chain(2_000..2_998).chain(3_000..3_003).collect();
     assert_eq!(ns, expected);
     assert_eq!(got.last().unwrap().0, expected.len() as i64);
+}
+
+/// When the worker cannot number ordered jobs (here a trigger makes the database refuse the
+/// keys' rows), it says so and goes on delivering everything else; the ordered jobs wait,
+/// unnumbered, and flow in order once numbering works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unordered_events_flow_while_numbering_fails() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; \
+         CREATE TRIGGER refuse_key_sequences BEFORE INSERT OR UPDATE ON journaled.key_sequences \
+             FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 0..3 {
+        journal!(
+            tx,
+            Ordered {
+                account: "o".into(),
+                n
+            }
+        )
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    journal!(
+        journaled,
+        UrgentPlain {
+            account: "p".into(),
+            n: 0
+        }
+    )
+    .await
+    .unwrap();
+    let (stop, worker) = spawn_worker(&db.pool, &emulator.endpoint()).await;
+    wait_until(60, "the unordered event is delivered", || async {
+        let seen = emulator.read("test_stream").await;
+        seen.iter().any(|r| r.partition_key == "p")
+    })
+    .await;
+    let unnumbered = "SELECT count(*) FROM journaled.jobs WHERE sequence_group IS NOT NULL";
+    assert_eq!(sqlx::Postgres::count(&db.pool, unnumbered).await, 1);
+    sqlx::raw_sql("DROP TRIGGER refuse_key_sequences ON journaled.key_sequences")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_until(
+        60,
+        "the ordered events are numbered and delivered",
+        || async {
+            first_appearances(&emulator, "test_stream")
+                .await
+                .get("o")
+                .is_some_and(|o| o.len() == 3)
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    assert_eq!(
+        first_appearances(&emulator, "test_stream").await["o"],
+        [1, 2, 3]
+    );
 }

@@ -4,7 +4,7 @@
 --
 -- A writer of ordered events takes, before its jobs get their ids, one global advisory lock
 -- shared and a transaction-scoped advisory lock per ordered key (or the global one exclusive
--- when it has many keys; see `journaled.lock_ordered_keys`), held until it commits: a key's
+-- when it has many keys: see `journaled.lock_ordered_keys`), held until it commits: a key's
 -- jobs therefore get ids in the order their transactions commit, and a job is visible only once
 -- every earlier job of its keys is. Its jobs wait unnumbered (`run_at` 'infinity', not ready;
 -- `due_at` keeps when they are due) with what the worker needs to number them: the statement
@@ -20,21 +20,25 @@ ALTER TABLE journaled.jobs
 CREATE INDEX jobs_unnumbered_idx ON journaled.jobs (id) WHERE sequence_group IS NOT NULL;
 
 -- The global key shared, then the keys' locks in the order given (the writer sorts them, so
--- that two writers never wait for each other crosswise); with `exclusive`, the global key
--- alone, exclusively: a transaction of many keys holds back every ordered writer until it
--- commits instead of filling PostgreSQL's shared lock table (`max_locks_per_transaction` x
--- `max_connections` for all sessions together).
-CREATE FUNCTION journaled.lock_ordered_keys(exclusive boolean, hi int4[], lo int4[])
+-- that two writers never wait for each other crosswise). A transaction of more keys than half
+-- of `max_locks_per_transaction` (32 by default) takes the global key alone, exclusively,
+-- instead: it holds back every ordered writer until it commits rather than fill PostgreSQL's
+-- shared lock table, which is sized for `max_locks_per_transaction` locks per connection on
+-- average, for all sessions together (a transaction of 100,000 keys would fail, and others with
+-- it). Raising `max_locks_per_transaction` raises the bound.
+CREATE FUNCTION journaled.lock_ordered_keys(hi int4[], lo int4[])
 RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    n integer := coalesce(array_length(hi, 1), 0);
 BEGIN
-    IF exclusive THEN
+    IF n > current_setting('max_locks_per_transaction')::integer / 2 THEN
         PERFORM pg_advisory_xact_lock(7669474465959535972);
         RETURN 0;
     END IF;
     PERFORM pg_advisory_xact_lock_shared(7669474465959535972);
-    FOR i IN 1 .. coalesce(array_length(hi, 1), 0) LOOP
+    FOR i IN 1 .. n LOOP
         PERFORM pg_advisory_xact_lock(hi[i], lo[i]);
     END LOOP;
-    RETURN coalesce(array_length(hi, 1), 0);
+    RETURN n;
 END
 $$;

@@ -134,16 +134,11 @@ async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Job
 }
 
 /// The advisory key every writer of ordered events holds shared until it commits, or
-/// exclusively when it has more than [`MAX_KEY_LOCKS`] keys ("jordered"; migration 9's
-/// `journaled.lock_ordered_keys` names it too).
+/// exclusively when it has more keys than half of `max_locks_per_transaction` ("jordered";
+/// migration 9's `journaled.lock_ordered_keys` decides which, and names it too).
 const ORDERED_LOCK: i64 = 0x6a6f_7264_6572_6564;
 /// The advisory key of the one process numbering ordered jobs at a time ("jnumbers").
 const NUMBERING_LOCK: i64 = 0x6a6e_756d_6265_7273;
-/// Most ordered keys a transaction locks one by one; one with more locks every ordered writer
-/// out until it commits (the global key, exclusively), so that no transaction fills
-/// PostgreSQL's shared lock table (`max_locks_per_transaction` × `max_connections` entries
-/// for all sessions together: 6,400 by default).
-pub(crate) const MAX_KEY_LOCKS: usize = 32;
 
 /// A (stream, key)'s advisory lock: FNV-1a over both (0xff, which UTF-8 never holds, between
 /// them), the same in every process and every version, as two `int4` keys.
@@ -204,14 +199,9 @@ async fn insert_jobs_taking_sequences(
         .map_err(db_error)?;
         return Ok((vec![JobId(id)], None));
     }
-    // The keys' locks sorted (every writer takes them in one order) and without repeats; too
-    // many, and the global key is taken exclusively instead.
-    let exclusive = keys.len() > MAX_KEY_LOCKS;
-    let mut locks: Vec<(i32, i32)> = if exclusive {
-        Vec::new()
-    } else {
-        keys.iter().map(|(s, k, _)| key_lock(s, k)).collect()
-    };
+    // The keys' locks sorted (every writer takes them in one order) and without repeats; the
+    // function takes the global key exclusively instead when there are too many.
+    let mut locks: Vec<(i32, i32)> = keys.iter().map(|(s, k, _)| key_lock(s, k)).collect();
     locks.sort_unstable();
     locks.dedup();
     let (his, los): (Vec<i32>, Vec<i32>) = locks.into_iter().unzip();
@@ -240,11 +230,11 @@ async fn insert_jobs_taking_sequences(
              SELECT p, coalesce(a, now() + make_interval(secs => coalesce(dl, 0))) AS r, c, b, d, n \
              FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::int4[], $5::int4[], $6::text[]) \
                   WITH ORDINALITY AS t(p, a, dl, c, b, d, n)) AS due \
-         CROSS JOIN (SELECT journaled.lock_ordered_keys($8, $9, $10) AS locks) AS locked \
+         CROSS JOIN (SELECT journaled.lock_ordered_keys($8, $9) AS locks) AS locked \
          LEFT JOIN ( \
              SELECT j, array_agg(s ORDER BY i) AS streams, array_agg(k ORDER BY i) AS keys, \
                     array_agg(n ORDER BY i) AS counts \
-             FROM UNNEST($11::int4[], $12::text[], $13::text[], $14::int8[]) WITH ORDINALITY AS x(j, s, k, n, i) \
+             FROM UNNEST($10::int4[], $11::text[], $12::text[], $13::int8[]) WITH ORDINALITY AS x(j, s, k, n, i) \
              GROUP BY j) AS own ON own.j = due.n \
          ORDER BY due.n \
          RETURNING id",
@@ -256,7 +246,6 @@ async fn insert_jobs_taking_sequences(
     .bind(&bytes)
     .bind(&records)
     .bind(group)
-    .bind(exclusive)
     .bind(&his)
     .bind(&los)
     .bind(&own_jobs)
@@ -266,13 +255,6 @@ async fn insert_jobs_taking_sequences(
     .fetch_all(conn)
     .await
     .map_err(db_error)?;
-    if ids.len() != jobs.len() {
-        return Err(Error::Database(sqlx::Error::Protocol(format!(
-            "{} jobs inserted of {}",
-            ids.len(),
-            jobs.len()
-        ))));
-    }
     Ok((ids.into_iter().map(JobId).collect(), None))
 }
 
@@ -341,12 +323,13 @@ async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool), Error> {
     }
     let select = "SELECT id, sequence_group, sequence_streams, sequence_keys, sequence_counts \
                   FROM journaled.jobs WHERE sequence_group IS NOT NULL";
-    let mut rows: Vec<Unnumbered> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("{select} ORDER BY id LIMIT $1")))
-            .bind(NUMBER_BATCH)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?;
+    let mut rows: Vec<Unnumbered> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{select} ORDER BY id LIMIT $1"
+    )))
+    .bind(NUMBER_BATCH)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
     let more = rows.len() as i64 == NUMBER_BATCH;
     if more {
         // The last statement's jobs may go on past the batch: leave it for the next round,
@@ -382,7 +365,10 @@ async fn number<'r>(conn: &mut PgConnection, rows: &'r [Unnumbered]) -> Result<u
         let streams = streams.as_deref().unwrap_or_default().iter();
         let keys = keys.as_deref().unwrap_or_default().iter();
         let counts = counts.as_deref().unwrap_or_default().iter();
-        streams.zip(keys).zip(counts).map(|((s, k), n)| (s.as_str(), k.as_str(), *n))
+        streams
+            .zip(keys)
+            .zip(counts)
+            .map(|((s, k), n)| (s.as_str(), k.as_str(), *n))
     };
     for row in rows {
         for (stream, key, _) in own(row) {
@@ -576,14 +562,12 @@ macro_rules! run_at {
 async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
     // Committed ordered jobs are listed numbered, as the worker will send them.
     number_sequences(pool, true).await?;
-    let rows = sqlx::query(
-        concat!(
-            "SELECT id, priority, ",
-            run_at!(),
-            ", attempts, last_error, dead_at, created_at, event_count, records, sequence_bases \
+    let rows = sqlx::query(concat!(
+        "SELECT id, priority, ",
+        run_at!(),
+        ", attempts, last_error, dead_at, created_at, event_count, records, sequence_bases \
              FROM journaled.jobs ORDER BY id"
-        ),
-    )
+    ))
     .fetch_all(pool)
     .await?;
     rows.iter()
@@ -906,14 +890,12 @@ async fn trace(pool: &PgPool, event: EventId) -> Result<Trace, Error> {
     }
     // The id as it is written in the records column.
     let needle = format!("{{\"id\":\"{event}\"");
-    let job = sqlx::query(
-        concat!(
-            "SELECT id, priority, ",
-            run_at!(),
-            ", attempts, last_error, dead_at, created_at \
+    let job = sqlx::query(concat!(
+        "SELECT id, priority, ",
+        run_at!(),
+        ", attempts, last_error, dead_at, created_at \
              FROM journaled.jobs WHERE strpos(records, $1) > 0 ORDER BY id LIMIT 1"
-        ),
-    )
+    ))
     .bind(&needle)
     .fetch_optional(pool)
     .await
