@@ -2,6 +2,8 @@
 //! 1. 40,000 events of ~200 bytes on 1,000 uniform keys, committed in transactions of 100
 //!    events, drained by one worker (batch 50 jobs, 4 in flight): ordered against the same
 //!    events unordered, interleaved, 3 rounds;
+//!    Then, once, how long the worker's numbering of those ordered jobs takes (PostgreSQL
+//!    numbers ordered jobs in the worker: migration 9), which the ordered drains include;
 //! 2. one hot key: 5,000 ordered events on a single key, drained the same way: the rate one
 //!    key can go at, one record per round trip.
 //!
@@ -136,6 +138,20 @@ async fn main() {
     println!(
         "   unordered {u:.0} events/s {unordered:.0?}; ordered {o:.0} events/s {ordered:.0?}; ordered/unordered = {:.3}",
         o / u
+    );
+
+    // What the drain of ordered events includes on PostgreSQL: the worker numbering them.
+    commit(&journaled, events, keys, true).await;
+    let started = std::time::Instant::now();
+    let numbered = <sqlx::Postgres as journaled::Backend>::number_sequences(&pool, true)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    drain(&pool, KinesisSink::new(client.clone()), worker_config()).await;
+    println!(
+        "   of which numbering: {numbered} jobs ({events} events) in {:.0} ms, {:.0} events/s",
+        took.as_secs_f64() * 1e3,
+        events as f64 / took.as_secs_f64()
     );
 
     let hot = 5_000;

@@ -34,6 +34,9 @@ const REQUESTS_PER_BATCH: usize = 8;
 
 /// Consecutive failed claims after which a draining worker gives up.
 const DRAIN_CLAIM_FAILURES: u32 = 10;
+/// How often a busy worker looks for ordered jobs to number when nothing woke it (on
+/// PostgreSQL a NOTIFY or a commit in this process does; one look is a query).
+const NUMBER_EVERY: Duration = Duration::from_millis(100);
 
 /// Counters a running worker keeps; read them while it runs.
 #[derive(Debug, Default)]
@@ -177,6 +180,11 @@ impl<DB: Backend> Worker<DB> {
         let mut sequence: u64 = 0;
         let mut claim_failures: u32 = 0;
         let mut outcome = Ok(());
+        // Whether numbering ordered jobs may find some: at the start, after a wake-up (a
+        // commit here, a NOTIFY, the poll timer) and after a round that numbered some; and at
+        // least every NUMBER_EVERY while claims keep the loop busy.
+        let mut number_due = true;
+        let mut numbered_at = tokio::time::Instant::now();
 
         loop {
             // `biased`: once shutdown is asked for, no new batch is claimed.
@@ -188,14 +196,27 @@ impl<DB: Backend> Worker<DB> {
             while units.try_join_next().is_some() {}
             sequence += 1;
             let owner = format!("{id}:{sequence}");
-            // Ordered jobs committed since the last claim get their numbers and fall due
-            // (PostgreSQL; one worker at a time, the others go on). A failure here is the
-            // claim's to report: it meets the same database.
-            if let Err(e) = DB::number_sequences(&shared.pool, false)
-                .instrument(tracing::debug_span!("number_sequences"))
-                .await
-            {
-                tracing::warn!(error = %e, "numbering ordered jobs failed");
+            // Ordered jobs committed since get their numbers and fall due (PostgreSQL; one
+            // worker at a time, the others go on).
+            if local.has_changed().unwrap_or(false) {
+                local.borrow_and_update();
+                number_due = true;
+            }
+            if futures_util::FutureExt::now_or_never(wake.notified()).is_some() {
+                number_due = true;
+            }
+            if number_due || numbered_at.elapsed() >= NUMBER_EVERY {
+                numbered_at = tokio::time::Instant::now();
+                number_due = match DB::number_sequences(&shared.pool, false)
+                    .instrument(tracing::debug_span!("number_sequences"))
+                    .await
+                {
+                    Ok(numbered) => numbered > 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "numbering ordered jobs failed; delivering the rest");
+                        true
+                    }
+                };
             }
             let claimed = DB::claim(
                 &shared.pool,
@@ -250,6 +271,7 @@ impl<DB: Backend> Worker<DB> {
                                     () = &mut shutdown => break,
                                     () = tokio::time::sleep(config.poll_interval) => {}
                                 }
+                                number_due = true;
                                 continue;
                             }
                         }
@@ -269,6 +291,7 @@ impl<DB: Backend> Worker<DB> {
                     () = tokio::time::sleep(config.poll_interval) => {}
                     Some(_) = units.join_next(), if !units.is_empty() => {}
                 }
+                number_due = true;
                 continue;
             }
             shared.stats.claims.fetch_add(1, Ordering::Relaxed);
