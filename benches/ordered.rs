@@ -145,7 +145,8 @@ async fn main() {
     let started = std::time::Instant::now();
     let numbered = <sqlx::Postgres as journaled::Backend>::number_sequences(&pool, true)
         .await
-        .unwrap();
+        .unwrap()
+        .jobs;
     let took = started.elapsed();
     drain(&pool, KinesisSink::new(client.clone()), worker_config()).await;
     println!(

@@ -1304,6 +1304,8 @@ async fn a_keys_writers_commit_in_turn_and_are_numbered_in_commit_order() {
         .execute(&db.pool)
         .await
         .unwrap();
+    // Not revived while unnumbered, even with every dead job.
+    assert_eq!(journaled::store::retry(&db.pool, None).await.unwrap(), 0);
 
     let mut per_key: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
     for (key, envelope, _, text) in sequences(&journaled).await {
@@ -1435,4 +1437,150 @@ async fn unordered_events_flow_while_numbering_fails() {
         first_appearances(&emulator, "test_stream").await["o"],
         [1, 2, 3]
     );
+}
+
+/// On PostgreSQL a statement's jobs get their ids one by one, so other statements' jobs (of
+/// other keys) can lie between them, and a numbering round's end can cut a statement that is
+/// not the round's last: the round takes the rest of every statement it started, so the key's
+/// numbers have no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_cut_by_a_rounds_end_is_numbered_whole() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let mut tx = journaled.begin().await.unwrap();
+    for n in 1..=3 {
+        journal!(tx, Prioritized { n }).unwrap();
+    }
+    tx.commit().await.unwrap();
+    for n in 0..998 {
+        journal!(
+            journaled,
+            Ordered {
+                account: format!("single-{n}"),
+                n
+            }
+        )
+        .await
+        .unwrap();
+    }
+    // The statement's third job moves past the round's end: its first 1,000 unnumbered jobs
+    // are the statement's first two and the 998 others, the last of them another statement.
+    let moved: i64 = sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM journaled.jobs WHERE priority = 3 RETURNING *) \
+         INSERT INTO journaled.jobs OVERRIDING SYSTEM VALUE \
+         SELECT (jsonb_populate_record(NULL::journaled.jobs, \
+                 to_jsonb(gone) || jsonb_build_object('id', 5000))).* FROM gone \
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(moved, 5000);
+    let mut got = Vec::new();
+    for (key, envelope, _, text) in sequences(&journaled).await {
+        if key == "prioritized" {
+            let n = serde_json::from_str::<Value>(&text).unwrap()["n"]
+                .as_i64()
+                .unwrap();
+            got.push((envelope.unwrap(), n));
+        } else {
+            assert_eq!(envelope, Some(1), "{key}");
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, [(1, 1), (2, 2), (3, 3)]);
+}
+
+/// On PostgreSQL a transaction that journaled few ordered keys in one statement and then many in
+/// another (two `begin_on` in one application transaction) keeps the global key shared and
+/// locks the many key by key: asking for it exclusively while holding it shared would deadlock
+/// with any writer waiting for one of its keys. Writers of its keys wait; others do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_holding_the_global_key_shared_locks_more_keys_one_by_one() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut app_tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    for keys in [1, 40] {
+        let mut jtx = journaled.begin_on(&mut app_tx).await.unwrap();
+        for k in 0..keys {
+            journal!(
+                jtx,
+                Ordered {
+                    account: format!("k{k}"),
+                    n: keys
+                }
+            )
+            .unwrap();
+        }
+        jtx.commit().await.unwrap();
+    }
+    let modes: Vec<String> = sqlx::query_scalar(
+        "SELECT mode FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(modes, ["ShareLock"], "the global key, still shared");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        commit_in_task(&journaled, vec!["other".into()]),
+    )
+    .await
+    .expect("a writer of another key does not wait")
+    .unwrap();
+    let waiting = commit_in_task(&journaled, vec!["k39".into()]);
+    wait_until(30, "a writer of one of its keys waits", || async {
+        lock_waiters(&db.pool).await == 1
+    })
+    .await;
+    app_tx.commit().await.unwrap();
+    drop(conn);
+    tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("it commits")
+        .unwrap();
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (key, envelope, _, _) in sequences(&journaled).await {
+        per_key.entry(key).or_default().push(envelope.unwrap());
+    }
+    assert_eq!(per_key["k0"], [1, 2]);
+    assert_eq!(per_key["k39"], [1, 2]);
+    assert_eq!(per_key["other"], [1]);
+}
+
+/// A draining worker whose numbering keeps failing gives up with the error instead of waiting
+/// for ever for jobs that can never fall due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_gives_up_when_numbering_keeps_failing() {
+    let db = TestDb::<sqlx::Postgres>::new().await;
+    let journaled = db.migrated().await;
+    let emulator = Emulator::start(Kind::Kinesalite).await;
+    emulator.create_stream("test_stream", 1).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; \
+         CREATE TRIGGER refuse_key_sequences BEFORE INSERT OR UPDATE ON journaled.key_sequences \
+             FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    journal!(
+        journaled,
+        Ordered {
+            account: "o".into(),
+            n: 0
+        }
+    )
+    .await
+    .unwrap();
+    let sink = KinesisSink::new(kinesis_config(&emulator.endpoint()).client().await);
+    let worker = Worker::new(db.pool.clone(), sink, worker_config().with_drain(true)).unwrap();
+    let outcome =
+        tokio::time::timeout(Duration::from_secs(120), worker.run(std::future::pending()))
+            .await
+            .expect("the drain ends");
+    let err = outcome.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
 }

@@ -20,20 +20,30 @@ ALTER TABLE journaled.jobs
 CREATE INDEX jobs_unnumbered_idx ON journaled.jobs (id) WHERE sequence_group IS NOT NULL;
 
 -- The global key shared, then the keys' locks in the order given (the writer sorts them, so
--- that two writers never wait for each other crosswise). A transaction of more keys than half
--- of `max_locks_per_transaction` (32 by default) takes the global key alone, exclusively,
--- instead: it holds back every ordered writer until it commits rather than fill PostgreSQL's
--- shared lock table, which is sized for `max_locks_per_transaction` locks per connection on
--- average, for all sessions together (a transaction of 100,000 keys would fail, and others with
--- it). Raising `max_locks_per_transaction` raises the bound.
+-- that two writers never wait for each other crosswise). A statement of more keys than half of
+-- `max_locks_per_transaction` (32 by default) takes the global key alone, exclusively,
+-- instead: it holds back every ordered writer until its transaction commits rather than fill
+-- PostgreSQL's shared lock table, which is sized for `max_locks_per_transaction` locks per
+-- connection on average, for all sessions together (a transaction of 100,000 keys would fail,
+-- and others with it). Raising `max_locks_per_transaction` raises the bound. A transaction that
+-- holds the global key already keeps its mode: exclusive covers every key; shared (an earlier
+-- statement of few keys, in the same transaction) goes on key by key, since asking for
+-- exclusive while holding shared would deadlock with any writer waiting for one of its keys.
 CREATE FUNCTION journaled.lock_ordered_keys(hi int4[], lo int4[])
 RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     n integer := coalesce(array_length(hi, 1), 0);
+    held text;
 BEGIN
     IF n > current_setting('max_locks_per_transaction')::integer / 2 THEN
-        PERFORM pg_advisory_xact_lock(7669474465959535972);
-        RETURN 0;
+        -- 7669474465959535972 as pg_locks shows a bigint key.
+        SELECT max(mode) INTO held FROM pg_locks
+         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+           AND classid = 1785688676::oid AND objid = 1701995876::oid AND objsubid = 1;
+        IF held IS NULL OR held = 'ExclusiveLock' THEN
+            PERFORM pg_advisory_xact_lock(7669474465959535972);
+            RETURN 0;
+        END IF;
     END IF;
     PERFORM pg_advisory_xact_lock_shared(7669474465959535972);
     FOR i IN 1 .. n LOOP

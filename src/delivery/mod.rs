@@ -185,6 +185,7 @@ impl<DB: Backend> Worker<DB> {
         // least every NUMBER_EVERY while claims keep the loop busy.
         let mut number_due = true;
         let mut numbered_at = tokio::time::Instant::now();
+        let mut numbering_failures: u32 = 0;
 
         loop {
             // `biased`: once shutdown is asked for, no new batch is claimed.
@@ -211,9 +212,19 @@ impl<DB: Backend> Worker<DB> {
                     .instrument(tracing::debug_span!("number_sequences"))
                     .await
                 {
-                    Ok(numbered) => numbered > 0,
+                    Ok(numbered) => {
+                        numbering_failures = 0;
+                        numbered.jobs > 0 || numbered.more
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "numbering ordered jobs failed; delivering the rest");
+                        numbering_failures += 1;
+                        if config.drain && numbering_failures >= DRAIN_CLAIM_FAILURES {
+                            // Unnumbered jobs are never due: a drain would wait for ever.
+                            tracing::error!(error = %e, "numbering ordered jobs keeps failing; giving up the drain");
+                            outcome = Err(e);
+                            break;
+                        }
                         true
                     }
                 };

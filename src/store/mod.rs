@@ -31,7 +31,7 @@ macro_rules! impl_backend {
             fn number_sequences(
                 pool: &$pool,
                 wait: bool,
-            ) -> $crate::store::BoxFuture<'_, Result<u64, $crate::Error>> {
+            ) -> $crate::store::BoxFuture<'_, Result<$crate::store::Numbered, $crate::Error>> {
                 Box::pin(number_sequences(pool, wait))
             }
             fn key_positions<'a>(
@@ -255,6 +255,15 @@ impl std::fmt::Display for JobId {
 /// The ids of jobs inserted, and per ordered key the sequence before the first it took, when
 /// the writer takes them (SQLite; on PostgreSQL the worker numbers the jobs after the commit).
 pub type JobsAndBases = (Vec<JobId>, Option<Vec<i64>>);
+
+/// What a call of [`Backend::number_sequences`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Numbered {
+    /// Jobs it numbered.
+    pub jobs: u64,
+    /// Whether some may be left: its rounds ran out, or another process was numbering.
+    pub more: bool,
+}
 
 /// A job about to be inserted.
 #[derive(Debug, Clone)]
@@ -506,9 +515,13 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> BoxFuture<'c, Result<JobsAndBases, Error>>;
 
     /// Numbers unnumbered ordered jobs (PostgreSQL; nothing to do on SQLite) in commit order
-    /// per key and makes them due; one process at a time: with `wait` it waits for another
-    /// one numbering, without it leaves the work to that one. Returns how many it numbered.
-    fn number_sequences(pool: &sqlx::Pool<Self>, wait: bool) -> BoxFuture<'_, Result<u64, Error>>;
+    /// per key and makes them due, in up to 8 rounds of up to 1,000 jobs; one process at a
+    /// time: with `wait` it waits for another one numbering, without it leaves the work to
+    /// that one.
+    fn number_sequences(
+        pool: &sqlx::Pool<Self>,
+        wait: bool,
+    ) -> BoxFuture<'_, Result<Numbered, Error>>;
 
     /// Where each ordered (stream, key) stands, in order: its last delivered sequence (0 when
     /// none) and whether it is parked.

@@ -277,23 +277,25 @@ const NUMBER_ROUNDS: usize = 8;
 /// Numbers unnumbered ordered jobs (see migration 9) in id order, which is commit order for
 /// each key: a whole statement's jobs at once, each key's events from the key's last sequence
 /// on, and makes them due. One process at a time: with `wait`, it waits for the one numbering;
-/// without, it leaves the work to it. Returns how many jobs it numbered.
+/// without, it leaves the work to it (and says there may be more).
 #[tracing::instrument(name = "journaled.number_sequences", skip_all, fields(numbered), err)]
-async fn number_sequences(pool: &PgPool, wait: bool) -> Result<u64, Error> {
-    let mut numbered = 0;
-    for _ in 0..NUMBER_ROUNDS {
-        let (done, more) = number_round(pool, wait).await?;
-        numbered += done;
-        if !more {
+async fn number_sequences(pool: &PgPool, wait: bool) -> Result<super::Numbered, Error> {
+    let mut done = super::Numbered::default();
+    for round in 0..NUMBER_ROUNDS {
+        let (numbered, more, contended) = number_round(pool, wait).await?;
+        done.jobs += numbered;
+        done.more = contended || (more && round + 1 == NUMBER_ROUNDS);
+        if contended || !more {
             break;
         }
     }
-    tracing::Span::current().record("numbered", numbered);
-    Ok(numbered)
+    tracing::Span::current().record("numbered", done.jobs);
+    Ok(done)
 }
 
-/// One numbering transaction; returns how many jobs it numbered and whether more may wait.
-async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool), Error> {
+/// One numbering transaction; returns how many jobs it numbered, whether more may wait, and
+/// whether another process held the numbering lock.
+async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool, bool), Error> {
     let any: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM journaled.jobs WHERE sequence_group IS NOT NULL)",
     )
@@ -301,7 +303,7 @@ async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool), Error> {
     .await
     .map_err(db_error)?;
     if !any {
-        return Ok((0, false));
+        return Ok((0, false, false));
     }
     let mut tx = pool.begin().await?;
     let locked: bool = if wait {
@@ -319,7 +321,7 @@ async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool), Error> {
             .map_err(db_error)?
     };
     if !locked {
-        return Ok((0, false));
+        return Ok((0, false, true));
     }
     let select = "SELECT id, sequence_group, sequence_streams, sequence_keys, sequence_counts \
                   FROM journaled.jobs WHERE sequence_group IS NOT NULL";
@@ -332,26 +334,28 @@ async fn number_round(pool: &PgPool, wait: bool) -> Result<(u64, bool), Error> {
     .map_err(db_error)?;
     let more = rows.len() as i64 == NUMBER_BATCH;
     if more {
-        // The last statement's jobs may go on past the batch: leave it for the next round,
-        // unless it is the only one, which is then taken whole.
-        let (after, last) = rows.last().map(|r| (r.0, r.1)).expect("a full batch");
-        if rows.iter().all(|r| r.1 == last) {
-            let rest: Vec<Unnumbered> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{select} AND sequence_group = $1 AND id > $2 ORDER BY id"
-            )))
-            .bind(last)
-            .bind(after)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            rows.extend(rest);
-        } else {
-            rows.retain(|r| r.1 != last);
-        }
+        // A statement's jobs got their ids one by one, so other statements' jobs (of other
+        // keys: a key's lock is held from before its statement's first id to its commit) may
+        // lie between them, and the batch's end may cut any of its statements: take the rest
+        // of each, so that every statement is numbered whole.
+        let after = rows.last().expect("a full batch").0;
+        let mut groups: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let rest: Vec<Unnumbered> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{select} AND sequence_group = ANY($1) AND id > $2 ORDER BY id"
+        )))
+        .bind(&groups)
+        .bind(after)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        rows.extend(rest);
+        rows.sort_unstable_by_key(|r| r.0);
     }
     let numbered = number(&mut tx, &rows).await?;
     tx.commit().await?;
-    Ok((numbered, more))
+    Ok((numbered, more, false))
 }
 
 /// Gives `rows` (unnumbered jobs in id order, whole statements) their bases, and the keys'
@@ -561,7 +565,7 @@ macro_rules! run_at {
 
 async fn jobs(pool: &PgPool) -> Result<Vec<Job>, Error> {
     // Committed ordered jobs are listed numbered, as the worker will send them.
-    number_sequences(pool, true).await?;
+    while number_sequences(pool, true).await?.more {}
     let rows = sqlx::query(concat!(
         "SELECT id, priority, ",
         run_at!(),
@@ -769,7 +773,8 @@ async fn retry(pool: &PgPool, job: Option<JobId>) -> Result<u64, Error> {
         .bind(id.0),
         None => sqlx::query(
             "UPDATE journaled.jobs SET dead_at = NULL, attempts = 0, transient_failures = 0, \
-                 run_at = now(), ready = true, locked_by = NULL, locked_until = NULL WHERE dead_at IS NOT NULL",
+                 run_at = now(), ready = true, locked_by = NULL, locked_until = NULL \
+             WHERE dead_at IS NOT NULL AND sequence_group IS NULL",
         ),
     };
     Ok(query.execute(pool).await.map_err(db_error)?.rows_affected())
@@ -1058,7 +1063,7 @@ async fn unpark(
 }
 
 async fn jobs_mentioning(pool: &PgPool, text: &str) -> Result<Vec<super::Mentioning>, Error> {
-    number_sequences(pool, true).await?;
+    while number_sequences(pool, true).await?.more {}
     let rows: Vec<(i64, String, Option<Vec<i64>>, bool)> = sqlx::query_as(
         "SELECT id, records, sequence_bases, dead_at IS NOT NULL FROM journaled.jobs \
          WHERE strpos(records, $1) > 0 ORDER BY id",

@@ -700,8 +700,8 @@ async fn insert_jobs_taking_sequences(
 }
 
 /// The writer numbered its jobs: nothing waits for a number on SQLite.
-async fn number_sequences(_pool: &SqlitePool, _wait: bool) -> Result<u64, Error> {
-    Ok(0)
+async fn number_sequences(_pool: &SqlitePool, _wait: bool) -> Result<super::Numbered, Error> {
+    Ok(super::Numbered::default())
 }
 
 async fn jobs_mentioning(pool: &SqlitePool, text: &str) -> Result<Vec<super::Mentioning>, Error> {
