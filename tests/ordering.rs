@@ -1369,11 +1369,9 @@ async fn numbering_takes_whole_statements_however_large() {
     assert_eq!(got.last().unwrap().0, expected.len() as i64);
 }
 
-/// When the worker cannot number ordered jobs (here a trigger makes the database refuse the
-/// keys' rows), it says so and goes on delivering everything else; the ordered jobs wait,
-/// unnumbered, and flow in order once numbering works again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unordered_events_flow_while_numbering_fails() {
+/// A PostgreSQL database whose `key_sequences` refuses every write (so numbering fails), and an
+/// emulator with `test_stream`.
+async fn numbering_refused() -> (TestDb<sqlx::Postgres>, Journaled<sqlx::Postgres>, Emulator) {
     let db = TestDb::<sqlx::Postgres>::new().await;
     let journaled = db.migrated().await;
     let emulator = Emulator::start(Kind::Kinesalite).await;
@@ -1387,6 +1385,15 @@ async fn unordered_events_flow_while_numbering_fails() {
     .execute(&db.pool)
     .await
     .unwrap();
+    (db, journaled, emulator)
+}
+
+/// When the worker cannot number ordered jobs (here a trigger makes the database refuse the
+/// keys' rows), it says so and goes on delivering everything else; the ordered jobs wait,
+/// unnumbered, and flow in order once numbering works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unordered_events_flow_while_numbering_fails() {
+    let (db, journaled, emulator) = numbering_refused().await;
     let mut tx = journaled.begin().await.unwrap();
     for n in 0..3 {
         journal!(
@@ -1553,19 +1560,7 @@ async fn a_transaction_holding_the_global_key_shared_locks_more_keys_one_by_one(
 /// for ever for jobs that can never fall due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_gives_up_when_numbering_keeps_failing() {
-    let db = TestDb::<sqlx::Postgres>::new().await;
-    let journaled = db.migrated().await;
-    let emulator = Emulator::start(Kind::Kinesalite).await;
-    emulator.create_stream("test_stream", 1).await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; \
-         CREATE TRIGGER refuse_key_sequences BEFORE INSERT OR UPDATE ON journaled.key_sequences \
-             FOR EACH ROW EXECUTE FUNCTION refuse()",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let (db, journaled, emulator) = numbering_refused().await;
     journal!(
         journaled,
         Ordered {
