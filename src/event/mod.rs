@@ -74,8 +74,10 @@ pub trait Event: Serialize {
     /// Whether the event carries the task-local tags.
     const TAGGED: bool = false;
     /// Whether events of this type are delivered in commit order per (stream, partition key):
-    /// each gets a gap-free `sequence` in its envelope, taken in the writer's transaction, and
-    /// a key's next record is sent only once its predecessor is acknowledged. An event without
+    /// each gets a gap-free `sequence` in its envelope, in the order the writers' transactions
+    /// committed (taken by the writer on SQLite; on PostgreSQL the writer locks the key and the
+    /// worker numbers its events after the commit), and a key's next record is sent only once
+    /// its predecessor is acknowledged. An event without
     /// a [`partition_key`](Self::partition_key) (keyed by its own id) is not ordered.
     const ORDERED: bool = false;
 
