@@ -269,6 +269,60 @@ mod tests {
         assert_eq!(failure.class, ErrorClass::Unavailable, "{failure}");
     }
 
+    /// `ensure_stream` finds a stream created between its look and its create (by someone
+    /// else, or by its own request sent again after a late response) and waits for it.
+    #[tokio::test]
+    async fn a_stream_created_meanwhile_is_ensured() {
+        use aws_sdk_kinesis::operation::create_stream::CreateStreamError;
+        use aws_sdk_kinesis::operation::describe_stream_summary::{
+            DescribeStreamSummaryError, DescribeStreamSummaryOutput,
+        };
+        use aws_sdk_kinesis::types::{StreamDescriptionSummary, StreamStatus};
+        let error = |code: &'static str| {
+            aws_sdk_kinesis::error::ErrorMetadata::builder()
+                .code(code)
+                .message("m")
+                .build()
+        };
+        let missing = mock!(Client::describe_stream_summary).then_error(move || {
+            DescribeStreamSummaryError::generic(error("ResourceNotFoundException"))
+        });
+        let in_use = mock!(Client::create_stream)
+            .then_error(move || CreateStreamError::generic(error("ResourceInUseException")));
+        let active = mock!(Client::describe_stream_summary).then_output(|| {
+            DescribeStreamSummaryOutput::builder()
+                .stream_description_summary(
+                    StreamDescriptionSummary::builder()
+                        .stream_name("s")
+                        .stream_arn("arn:aws:kinesis:eu-west-1:1:stream/s")
+                        .stream_status(StreamStatus::Active)
+                        .retention_period_hours(24)
+                        .stream_creation_timestamp(aws_smithy_types::DateTime::from_secs(0))
+                        .set_enhanced_monitoring(Some(Vec::new()))
+                        .open_shard_count(1)
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+        });
+        let client = mock_client!(
+            aws_sdk_kinesis,
+            RuleMode::Sequential,
+            [&missing, &in_use, &active]
+        );
+        ensure_stream(&client, "s", 1).await.unwrap();
+
+        // Any other refusal of the create is reported.
+        let missing = mock!(Client::describe_stream_summary).then_error(move || {
+            DescribeStreamSummaryError::generic(error("ResourceNotFoundException"))
+        });
+        let refused = mock!(Client::create_stream)
+            .then_error(move || CreateStreamError::generic(error("LimitExceededException")));
+        let client = mock_client!(aws_sdk_kinesis, RuleMode::Sequential, [&missing, &refused]);
+        let failure = ensure_stream(&client, "s", 1).await.unwrap_err();
+        assert_eq!(failure.code, "LimitExceededException");
+    }
+
     #[tokio::test]
     async fn a_short_response_is_transient() {
         let rule = mock!(Client::put_records).then_output(|| {

@@ -173,13 +173,20 @@ pub async fn ensure_stream(client: &Client, stream: &str, shards: i32) -> Result
         if failure.code != "ResourceNotFoundException" {
             return Err(failure);
         }
-        client
+        let created = client
             .create_stream()
             .stream_name(stream)
             .shard_count(shards)
             .send()
-            .await
-            .map_err(|e| classify_sdk_error(&e))?;
+            .await;
+        if let Err(error) = created {
+            // Created meanwhile: by someone else, or by this very request when the SDK sent it
+            // again after a response that came too late. Either way it exists: wait for it.
+            let failure = classify_sdk_error(&error);
+            if failure.code != "ResourceInUseException" {
+                return Err(failure);
+            }
+        }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
