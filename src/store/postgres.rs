@@ -88,25 +88,35 @@ fn job_columns(jobs: &[NewJob]) -> JobColumns {
     )
 }
 
-#[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
-async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
-    // Due times are the database's: `now()` plus the delay, never the application's clock.
-    if let [job] = jobs {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
-             SELECT $1, r, r, r <= now(), $4, $5, $6 \
-             FROM (SELECT coalesce($2, now() + make_interval(secs => coalesce($3, 0))) AS r) AS due \
-             RETURNING id",
-        )
+/// One job's own columns bound as `$1`–`$6`: priority, set due time, delay (seconds), event
+/// count, bytes, records.
+fn bind_job<'q>(
+    query: sqlx::query::QueryScalar<'q, Postgres, i64, sqlx::postgres::PgArguments>,
+    job: &'q NewJob,
+) -> sqlx::query::QueryScalar<'q, Postgres, i64, sqlx::postgres::PgArguments> {
+    query
         .bind(job.priority)
         .bind(job.run_at)
         .bind(job.delay.map(|d| d.as_secs_f64()))
         .bind(job.event_count)
         .bind(job.bytes)
         .bind(&job.records)
-        .fetch_one(conn)
-        .await
-        .map_err(db_error)?;
+}
+
+#[tracing::instrument(name = "journaled.insert_jobs", skip_all, fields(jobs = jobs.len()), err)]
+async fn insert_jobs(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, Error> {
+    // Due times are the database's: `now()` plus the delay, never the application's clock.
+    if let [job] = jobs {
+        let insert = sqlx::query_scalar(
+            "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records) \
+             SELECT $1, r, r, r <= now(), $4, $5, $6 \
+             FROM (SELECT coalesce($2, now() + make_interval(secs => coalesce($3, 0))) AS r) AS due \
+             RETURNING id",
+        );
+        let id: i64 = bind_job(insert, job)
+            .fetch_one(conn)
+            .await
+            .map_err(db_error)?;
         return Ok(vec![JobId(id)]);
     }
     // Every row in one statement, however many a large transaction needs.
@@ -173,30 +183,25 @@ async fn insert_jobs_taking_sequences(
         // The usual ordered transaction, one job of one key: two lock calls in one
         // subquery (evaluated in order, before the row and its id exist) and a plain row.
         let (hi, lo) = key_lock(stream, key);
-        let id: i64 = sqlx::query_scalar(
+        let insert = sqlx::query_scalar(
             "INSERT INTO journaled.jobs (priority, run_at, due_at, ready, event_count, bytes, records, \
                  sequence_group, sequence_streams, sequence_keys, sequence_counts) \
              SELECT $1, 'infinity', r, false, $4, $5, $6, $7, ARRAY[$8::text], ARRAY[$9::text], ARRAY[$10::int8] \
              FROM (SELECT pg_advisory_xact_lock_shared($11), pg_advisory_xact_lock($12, $13)) AS locked, \
                   (SELECT coalesce($2, now() + make_interval(secs => coalesce($3, 0))) AS r) AS due \
              RETURNING id",
-        )
-        .bind(job.priority)
-        .bind(job.run_at)
-        .bind(job.delay.map(|d| d.as_secs_f64()))
-        .bind(job.event_count)
-        .bind(job.bytes)
-        .bind(&job.records)
-        .bind(group)
-        .bind(stream)
-        .bind(key)
-        .bind(count)
-        .bind(ORDERED_LOCK)
-        .bind(hi)
-        .bind(lo)
-        .fetch_one(conn)
-        .await
-        .map_err(db_error)?;
+        );
+        let id: i64 = bind_job(insert, job)
+            .bind(group)
+            .bind(stream)
+            .bind(key)
+            .bind(count)
+            .bind(ORDERED_LOCK)
+            .bind(hi)
+            .bind(lo)
+            .fetch_one(conn)
+            .await
+            .map_err(db_error)?;
         return Ok((vec![JobId(id)], None));
     }
     // The keys' locks sorted (every writer takes them in one order) and without repeats; the
@@ -432,8 +437,11 @@ async fn number<'r>(conn: &mut PgConnection, rows: &'r [Unnumbered]) -> Result<u
     .await
     .map_err(db_error)?
     .rows_affected();
-    let (streams, keys): (Vec<&str>, Vec<&str>) = last.keys().copied().unzip();
-    let seqs: Vec<i64> = last.values().copied().collect();
+    let seqs: Vec<i64> = streams
+        .iter()
+        .zip(&keys)
+        .map(|(stream, key)| last[&(*stream, *key)])
+        .collect();
     sqlx::query(
         "INSERT INTO journaled.key_sequences AS k (stream, partition_key, seq) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
