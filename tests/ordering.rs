@@ -1182,12 +1182,16 @@ async fn ordered_jobs_are_stored_unnumbered_and_filled_when_read() {
     assert_eq!(order.get("c"), None);
 }
 
-/// Transactions waiting on an advisory lock, seen from another session.
+/// Transactions waiting on an advisory lock in this test's database (tests run side by side on
+/// one server), seen from another session.
 async fn lock_waiters(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// Journals `n` ordered events on `key` and commits, in a task of its own.
@@ -1523,7 +1527,8 @@ async fn a_transaction_holding_the_global_key_shared_locks_more_keys_one_by_one(
         jtx.commit().await.unwrap();
     }
     let modes: Vec<String> = sqlx::query_scalar(
-        "SELECT mode FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted",
+        "SELECT mode FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_all(&db.pool)
     .await
